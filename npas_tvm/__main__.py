@@ -1,0 +1,3 @@
+from npas_tvm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""CLI subcommands: one module each, with ``register(subparsers, common)``.
+
+A new command is a module here plus its name in :data:`COMMANDS`.
+"""
+
+COMMANDS = ("compile", "targets", "zoo", "demo")

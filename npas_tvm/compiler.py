@@ -1,0 +1,119 @@
+"""The compile driver: ONNX -> Relax -> (graph passes) -> build -> exported library.
+
+Weights are imported as named parameters of ``main`` (named after their ONNX
+initializers, the plan's keys), so graph passes can find each layer's weight by name;
+they are bound as constants right before the build.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from npas_tvm.errors import ModelError, NpasError
+from npas_tvm.model_io import LoadedModel
+from npas_tvm.targets import TargetSpec, check_cross_compiler
+
+
+@dataclass
+class RelaxModel:
+    """A Relax module whose weights are still parameters, with their values by name."""
+
+    mod: "object"  # tvm.IRModule
+    params: dict[str, np.ndarray]
+    input_names: list[str] = field(default_factory=list)
+
+
+def import_onnx(model: LoadedModel) -> RelaxModel:
+    """Import with TVM's Relax ONNX frontend, keeping weight names as parameters."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_onnx(model.proto, shape_dict=dict(model.input_shapes),
+                            dtype_dict=dict(model.input_dtypes), keep_params_in_input=True)
+    except Exception as err:  # the frontend raises TVMError/ValueError/KeyError
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ModelError(f"{model.path}: TVM's ONNX frontend failed: {message}") from None
+    mod, params = detach_params(mod)
+    func = mod["main"]
+    num_inputs = int(func.attrs["num_input"])
+    names = [var.name for var in func.params[num_inputs:]]
+    values = {name: tensor.numpy() for name, tensor in zip(names, params.get("main", []))}
+    inputs = [var.name for var in func.params[:num_inputs]]
+    return RelaxModel(mod, values, inputs)
+
+
+def bind_params(relax_model: RelaxModel):
+    """Turn the weight parameters into constants (the form the build expects)."""
+    import tvm
+    from tvm import relax
+
+    bound = {name: tvm.runtime.tensor(value) for name, value in relax_model.params.items()}
+    return relax.transform.BindParams("main", bound)(relax_model.mod)
+
+
+def build(mod, spec: TargetSpec, passes: Sequence = ()):
+    """Build a Relax module for ``spec`` and return the VM executable.
+
+    CPU targets run ``passes`` and then TVM's default Relax pipeline for the target
+    (constant folding, fusion, legalization); OpenCL targets get the GPU pipeline,
+    which schedules every kernel with dlight's default GPU rules.
+    """
+    import tvm
+    from tvm import relax
+
+    target = spec.tvm_target
+    pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tvm.compile(mod, target, relax_pipeline=pipeline)
+
+
+def export(executable, path: str, spec: TargetSpec, cc: str | None = None) -> str:
+    """Write the library: ``.so`` (linked for the target), or ``.tar`` (objects only)."""
+    from tvm.support import cc as tvm_cc
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    if path.endswith(".tar"):
+        executable.export_library(path)
+        return path
+    if not path.endswith((".so", ".dylib")):
+        raise NpasError(f"-o {path}: the output must end in .so or .tar")
+    linker = check_cross_compiler(spec, cc)
+    kwargs = {"fcompile": tvm_cc.cross_compiler(linker)} if linker else {}
+    executable.export_library(path, **kwargs)
+    return path
+
+
+def compile_model(model: LoadedModel, spec: TargetSpec, passes: Sequence = ()):
+    """ONNX model -> VM executable for ``spec``."""
+    relax_model = import_onnx(model)
+    return build(bind_params(relax_model), spec, passes)
+
+
+def library_kinds(executable) -> list[str]:
+    """Kinds of the modules in a built library (``llvm``, ``opencl``...)."""
+    kinds, stack = [], [executable.mod]
+    while stack:
+        module = stack.pop()
+        kinds.append(module.kind)
+        stack.extend(module.imports)
+    return kinds
+
+
+def opencl_source(executable) -> str:
+    """The OpenCL C of a library built for an OpenCL target ("" if none)."""
+    stack = [executable.mod]
+    while stack:
+        module = stack.pop()
+        if module.kind == "opencl":
+            return module.inspect_source()
+        stack.extend(module.imports)
+    return ""
