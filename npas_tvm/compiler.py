@@ -7,7 +7,12 @@ they are bound as constants right before the build.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -33,14 +38,20 @@ def import_onnx(model: LoadedModel) -> RelaxModel:
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
+    log, failure = io.StringIO(), None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")
             mod = from_onnx(model.proto, shape_dict=dict(model.input_shapes),
                             dtype_dict=dict(model.input_dtypes), keep_params_in_input=True)
     except Exception as err:  # the frontend raises TVMError/ValueError/KeyError
         message = " ".join(str(err).split())[:300] or type(err).__name__
-        raise ModelError(f"{model.path}: TVM's ONNX frontend failed: {message}") from None
+        failure = f"{_failing_node(model.proto, log.getvalue())}TVM's ONNX frontend failed: {message}"
+        with _native_stderr_silenced():  # the half-built module's destructor warns
+            err.__traceback__ = None  # frees the frontend's frames, and the module, now
+            gc.collect()
+    if failure is not None:
+        raise ModelError(f"{model.path}: {failure}")
     mod, params = detach_params(mod)
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
@@ -48,6 +59,34 @@ def import_onnx(model: LoadedModel) -> RelaxModel:
     values = {name: tensor.numpy() for name, tensor in zip(names, params.get("main", []))}
     inputs = [var.name for var in func.params[:num_inputs]]
     return RelaxModel(mod, values, inputs)
+
+
+def _failing_node(proto, frontend_log: str) -> str:
+    """Name the node the frontend failed on, from its "Error converting operator" line."""
+    found = re.search(r"Error converting operator (\w+), with inputs: \[(.*)\]", frontend_log)
+    if not found:
+        return ""
+    op_type = found.group(1)
+    inputs = [name.strip() for name in found.group(2).split(",")]
+    for index, node in enumerate(proto.graph.node):
+        sanitized = [re.sub(r"[^0-9A-Za-z_]", "_", name) for name in node.input if name]
+        if node.op_type == op_type and sanitized[: len(inputs)] == inputs:
+            return f"node {node.name or index!r} ({op_type}): "
+    return f"a {op_type} node: "
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silence C++ log lines written straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def bind_params(relax_model: RelaxModel):
@@ -59,18 +98,25 @@ def bind_params(relax_model: RelaxModel):
     return relax.transform.BindParams("main", bound)(relax_model.mod)
 
 
-def build(mod, spec: TargetSpec, passes: Sequence = ()):
+def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = True):
     """Build a Relax module for ``spec`` and return the VM executable.
 
-    CPU targets run ``passes`` and then TVM's default Relax pipeline for the target
-    (constant folding, fusion, legalization); OpenCL targets get the GPU pipeline,
-    which schedules every kernel with dlight's default GPU rules.
+    CPU (llvm) targets run ``passes`` and then npas-tvm's dense CPU pipeline: blocked
+    layouts and scheduled kernels for conv2d, dense, pooling and their fused epilogues
+    (:func:`npas_tvm.relay_passes.dense_cpu_pipeline`); ``dense_schedules=False`` keeps
+    TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get the
+    GPU pipeline, which schedules every kernel with dlight's default GPU rules.
     """
     import tvm
     from tvm import relax
 
     target = spec.tvm_target
-    pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
+    if dense_schedules and target.kind.name == "llvm":
+        from npas_tvm.relay_passes import dense_cpu_pipeline
+
+        pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec)])
+    else:
+        pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tvm.compile(mod, target, relax_pipeline=pipeline)
