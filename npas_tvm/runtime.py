@@ -73,16 +73,28 @@ def run_onnxruntime(model, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return list(ort_session(model).run(None, inputs))
 
 
-class TVMRunner:
-    """A compiled library (executable or ``.so`` path) on the local CPU."""
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    rounds: int
 
-    def __init__(self, library, input_names: list[str]):
+
+class TVMRunner:
+    """A compiled library on a device: local (executable or ``.so`` path) or remote.
+
+    For a remote device pass the module loaded through the RPC session and the
+    session's device (``session.cpu()``/``session.cl()``).
+    """
+
+    def __init__(self, library, input_names: list[str], device=None):
         import tvm
         from tvm import relax
 
         if isinstance(library, str):
             library = tvm.runtime.load_module(library)
-        self.device = tvm.cpu()
+        self.device = device if device is not None else tvm.cpu()
         self.vm = relax.VirtualMachine(library, self.device)
         self.input_names = input_names
 
@@ -96,6 +108,18 @@ class TVMRunner:
         return _flatten(self.vm["main"](*self.tensors(inputs)))
 
 
+    def time(self, inputs: dict[str, np.ndarray], number: int = 10, repeat: int = 5,
+             warmup: int = 1) -> Timing:
+        """Time ``main`` where it runs (remote devices time themselves)."""
+        evaluator = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat,
+                                           min_repeat_ms=0)
+        tensors = self.tensors(inputs)
+        for _ in range(warmup):
+            self.vm["main"](*tensors)
+        samples = [t * 1e3 for t in evaluator(*tensors).results]
+        return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
 def _flatten(value) -> list[np.ndarray]:
     if hasattr(value, "numpy"):
         return [value.numpy()]
@@ -103,14 +127,6 @@ def _flatten(value) -> list[np.ndarray]:
     for item in value:
         out.extend(_flatten(item))
     return out
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    rounds: int
 
 
 def time_interleaved(engines: dict[str, Callable[[], object]], rounds: int = 20,

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (whole-model) tests")
+    config.addinivalue_line("markers", "device: needs the emulated ARM device (qemu-user)")
 
 
 @pytest.fixture(scope="session")
