@@ -3,4 +3,4 @@
 A new command is a module here plus its name in :data:`COMMANDS`.
 """
 
-COMMANDS = ("compile", "targets", "zoo", "demo", "device", "bench")
+COMMANDS = ("compile", "targets", "zoo", "demo", "device", "bench", "profile")
