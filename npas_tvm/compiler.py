@@ -98,18 +98,25 @@ def bind_params(relax_model: RelaxModel):
     return relax.transform.BindParams("main", bound)(relax_model.mod)
 
 
-def build(mod, spec: TargetSpec, passes: Sequence = ()):
+def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = True):
     """Build a Relax module for ``spec`` and return the VM executable.
 
-    CPU targets run ``passes`` and then TVM's default Relax pipeline for the target
-    (constant folding, fusion, legalization); OpenCL targets get the GPU pipeline,
-    which schedules every kernel with dlight's default GPU rules.
+    CPU (llvm) targets run ``passes`` and then npas-tvm's dense CPU pipeline: blocked
+    layouts and scheduled kernels for conv2d, dense, pooling and their fused epilogues
+    (:func:`npas_tvm.relay_passes.dense_cpu_pipeline`); ``dense_schedules=False`` keeps
+    TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get the
+    GPU pipeline, which schedules every kernel with dlight's default GPU rules.
     """
     import tvm
     from tvm import relax
 
     target = spec.tvm_target
-    pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
+    if dense_schedules and target.kind.name == "llvm":
+        from npas_tvm.relay_passes import dense_cpu_pipeline
+
+        pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec)])
+    else:
+        pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tvm.compile(mod, target, relax_pipeline=pipeline)

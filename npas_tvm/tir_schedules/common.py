@@ -1,0 +1,80 @@
+"""Schedule helpers shared by the op families: epilogue fusion and register tiles."""
+
+from __future__ import annotations
+
+import math
+
+
+def block_name(sch, block) -> str:
+    return sch.get(block).name_hint
+
+
+def find_block(sch, prefix: str):
+    """The first block of the function whose name starts with ``prefix`` (or None)."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if block_name(sch, block).startswith(prefix):
+            return block
+    return None
+
+
+def same(sch, a, b) -> bool:
+    """Whether two block or loop handles of ``sch`` name the same statement."""
+    return sch.get(a).same_as(sch.get(b))
+
+
+def loop_extents(sch, block) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
+
+
+def fuse_epilogue(sch, main_block, producers=()):
+    """Collapse the blocks after ``main_block`` into one block that writes the output.
+
+    A fused kernel is ``main -> bias add -> clip -> residual add``; the intermediate
+    elementwise blocks are inlined into the last one, which the caller places at the
+    register tile (``reverse_compute_at``) so the accumulators go straight from
+    registers through the epilogue to memory. Without an epilogue a ``local`` cache
+    write plays its part. Returns that block, or raises if a block is not elementwise.
+    """
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    position = [i for i, b in enumerate(blocks) if same(sch, b, main_block)][0]
+    before = [b for b in blocks[:position] if not any(same(sch, b, p) for p in producers)]
+    for block in before:  # stray injective producers (e.g. a fused reshape)
+        sch.compute_inline(block)
+    after = blocks[position + 1:]
+    if not after:
+        return sch.cache_write(main_block, 0, "local")
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    sch.set_scope(main_block, 0, "local")
+    return after[-1]
+
+
+def choose_register_tile(channel_blocks: int, width: int, registers: int,
+                         max_channel_tile: int, max_width_tile: int) -> tuple[int, int]:
+    """(output-channel blocks, output columns) per register tile of a blocked conv.
+
+    Minimizes loads per FMA, ``(c + w) / (c * w)``, over tiles whose accumulators,
+    weight vectors and one broadcast fit the vector registers; ``c`` divides the
+    channel blocks, and a ``w`` that does not divide the width pays for its idle
+    columns.
+    """
+    best, best_cost = (1, 1), math.inf
+    for c in range(1, max_channel_tile + 1):
+        if channel_blocks % c:
+            continue
+        for w in range(1, min(max_width_tile, width) + 1):
+            if c * w + c + 1 > registers:
+                continue
+            waste = math.ceil(width / w) * w / width
+            cost = waste * (c + w) / (c * w)
+            if cost < best_cost - 1e-9 or (abs(cost - best_cost) < 1e-9 and c * w > best[0] * best[1]):
+                best, best_cost = (c, w), cost
+    return best
+
+
+def vector_tile(extent: int, lanes: int, max_vectors: int = 4) -> int:
+    """The largest multiple of ``lanes`` dividing ``extent``, at most ``max_vectors`` vectors."""
+    for vectors in range(max_vectors, 0, -1):
+        if extent % (lanes * vectors) == 0:
+            return lanes * vectors
+    return 0

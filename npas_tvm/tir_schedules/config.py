@@ -1,0 +1,45 @@
+"""Per-target-family knobs of the dense CPU schedules.
+
+A target family (x86, arm) differs from another in these numbers, never in the math
+or the shape of the schedule. They come from the target's features (the SIMD width
+and how many vector registers hold the accumulators), so an untuned build starts from
+a sensible point; every knob is a plain value that a tuner may override per kernel
+(see :meth:`CpuScheduleConfig.with_knobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CpuScheduleConfig:
+    """Tile choices for one CPU target.
+
+    ``lanes`` is the fp32 SIMD width (16 on AVX-512, 8 on AVX2, 4 on NEON): the
+    largest channel block of the ``NCHW{c}c`` layout and the vector width of the
+    kernels (a layer whose channels it does not divide gets a smaller power of two).
+    ``vector_registers`` bounds the register tile: accumulators plus the weight vectors
+    plus one broadcast must fit, or the kernel spills.
+    """
+
+    family: str  # "x86" or "arm"
+    lanes: int  # fp32 lanes per vector, the largest c of NCHW{c}c
+    vector_registers: int  # 16 (AVX2), 32 (AVX-512 and NEON)
+    max_width_tile: int = 8  # output columns per register tile
+    max_channel_tile: int = 4  # output-channel blocks per register tile
+    parallel_min_flops: int = 200_000  # below this a kernel stays serial (fork-join ~15 us)
+    unroll_reduction: bool = True  # unroll the innermost input-channel block loop
+
+    def with_knobs(self, **knobs) -> "CpuScheduleConfig":
+        """A copy with some knobs replaced (a tuner's sampled point)."""
+        return dataclasses.replace(self, **knobs)
+
+
+def default_config(spec) -> CpuScheduleConfig:
+    """The untuned defaults for a :class:`~npas_tvm.targets.TargetSpec` (llvm targets)."""
+    if spec.family == "arm":
+        return CpuScheduleConfig("arm", lanes=4, vector_registers=32)
+    registers = 32 if spec.simd_lanes >= 16 else 16
+    return CpuScheduleConfig("x86", lanes=max(spec.simd_lanes, 4), vector_registers=registers)
