@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",  # meta_schedule
         "cloudpickle>=3.0",  # meta_schedule
+        "tornado>=6.0",  # TVM's RPC tracker
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pyopencl>=2024.1"],

@@ -174,23 +174,24 @@ class Started:
         return True
 
 
-def _spawn(kind: str, name: str, cmd: list[str], address: str) -> Started:
+def _spawn(kind: str, name: str, cmd: list[str], address: str):
     log_path = state_dir() / f"{kind}-{name.replace(':', '_')}.log"
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     started = Started(kind, name, proc.pid, str(log_path), address)
     started.save()
-    return started
+    return started, proc
 
 
-def _wait_for_log(started: Started, needle: str, timeout_s: float) -> None:
+def _wait_for_log(started: Started, proc: subprocess.Popen, needle: str,
+                  timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = Path(started.log).read_text(errors="replace")
         if needle in text:
             return
-        if not started.alive():
+        if proc.poll() is not None:  # exited (an unreaped child still answers kill 0)
             last = text.strip().splitlines()[-1:] or ["(empty log)"]
             stop_started(started)
             raise DeviceError(f"{started.kind} exited during start-up: {last[0]} "
@@ -205,8 +206,8 @@ def start_tracker(host: str = "127.0.0.1", port: int = 9190) -> Started:
     """TVM's RPC tracker on ``host:port`` (ports up to port+9 are tried)."""
     cmd = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
            "--port-end", str(port + 10)]
-    started = _spawn("tracker", f"{host}:{port}", cmd, f"{host}:{port}")
-    _wait_for_log(started, "bind to", 60)
+    started, proc = _spawn("tracker", f"{host}:{port}", cmd, f"{host}:{port}")
+    _wait_for_log(started, proc, "bind to", 60)
     bound = Path(started.log).read_text().split("bind to")[-1].split()[0]
     started.address = bound.strip()
     started.save()
@@ -221,8 +222,8 @@ def start_emulated_arm(tracker: str, key: str, host: str = "127.0.0.1", port: in
     cmd = [str(root / "python-aarch64"), str(root / "rpc_launcher.py"), "--host", host,
            "--port", str(port), "--port-end", str(port + 100), "--tracker", tracker,
            "--key", key]
-    started = _spawn("arm-device", key, cmd, tracker)
-    _wait_for_log(started, "bind to", 300)  # importing TVM under qemu takes 15-60 s
+    started, proc = _spawn("arm-device", key, cmd, tracker)
+    _wait_for_log(started, proc, "bind to", 300)  # importing TVM under qemu takes 15-60 s
     wait_for_key(tracker, key, timeout_s=60)
     return started
 
