@@ -20,3 +20,7 @@ class ModelError(NpasError):
 
 class TargetError(NpasError):
     """The requested target is unknown or malformed."""
+
+
+class PlanError(NpasError):
+    """A pruning plan is malformed or does not fit the model; names the layer and field."""
