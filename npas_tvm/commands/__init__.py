@@ -3,4 +3,5 @@
 A new command is a module here plus its name in :data:`COMMANDS`.
 """
 
-COMMANDS = ("compile", "targets", "zoo", "demo", "device", "bench", "profile")
+COMMANDS = ("compile", "targets", "zoo", "demo", "device", "bench", "profile", "plan", "prune",
+            "inspect")

@@ -1,0 +1,119 @@
+"""Rule-based mapping of pruning schemes to layers (Gong et al., "Automatic Mapping of
+the Best-Suited DNN Pruning Schemes for Real-Time Mobile Acceleration", TODAES'22).
+
+Before (or instead of) a search, each layer gets a scheme, a block size and a rate from
+its type and shape alone. The rules and why:
+
+* **Depthwise convolutions stay dense.** Each filter has kh*kw weights on one channel:
+  there is no block to share and no reuse to gain; the layer is memory-bound and a few
+  percent of the MACs, so a sparse kernel cannot beat the dense one.
+* **Grouped (non-depthwise) convolutions stay dense.** Blocks would straddle groups
+  that read different inputs, losing the load reuse that makes blocks fast.
+* **Tiny layers stay dense** (fewer than ``SMALL_LAYER`` weights, e.g. a stem conv on
+  3 channels or a 16 x 32 projection): a block of 8 x 4 is a sizeable share of such a
+  layer, so each removed block costs accuracy, for a negligible share of the weights.
+* **3x3 convolutions take pattern pruning** for rates from 2.25 (what patterns alone
+  give) to ``PATTERN_MAX_RATE``: 4-entry patterns keep accuracy best and map to
+  pattern-specialized code (PatDNN, ASPLOS'20). Below 2.25 patterns cannot go; above 5
+  most of the rate would come from connectivity pruning (whole kernels, irregular), so
+  **block-punched** takes over there: the same positions removed across an 8 x 4 block
+  keep SIMD-friendly regularity at any rate (NPAS, CVPR'21).
+* **Other KxK convolutions** (5x5, 7x7) take block-punched (patterns are 3x3 only).
+* **1x1 convolutions and FC layers take block-based pruning**: they are GEMMs, and
+  blocks of whole columns give dense micro-kernels over gathered inputs. Rows are 16
+  (four 4-lane fp32 NEON vectors) on wide layers, else 8 or 4, preferring sizes that
+  divide the output channels; 4 columns per block.
+* **The first and last layers are pruned lighter** (half the extra rate, snapped down to
+  the search's rates): the first sees the raw image with few channels and the last
+  produces the logits; both are the most accuracy-sensitive per weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from npas_tvm.errors import PlanError
+from npas_tvm.plan import Plan
+from npas_tvm.schemes import (
+    CONV, CONV1X1, DEPTHWISE, FC, GROUPED, BlockBasedSpec, BlockPunchedSpec, DenseSpec,
+    PatternSpec, SchemeSpec)
+
+SEARCH_RATES = (1.0, 2.0, 2.5, 3.0, 5.0, 7.0, 10.0)
+"""The per-layer rates of the NPAS search space."""
+SMALL_LAYER = 1024
+PATTERN_MIN_RATE = 2.25
+PATTERN_MAX_RATE = 5.0
+GEMM_BLOCK_ROWS = (16, 8, 4)
+WIDE_LAYER = 256  # output channels from which 16-row blocks are preferred
+BLOCK_COLS = (4, 2, 1)
+PUNCHED_FILTERS = (8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    """One layer's rule outcome and the rule that gave it (for the ``plan`` table)."""
+
+    layer: str
+    spec: SchemeSpec
+    reason: str
+
+
+def lighter_rate(rate: float) -> float:
+    """Half the extra rate, snapped down to the search's rates (3 -> 2, 5 -> 3, 10 -> 5)."""
+    wanted = 1.0 + (rate - 1.0) / 2.0
+    return max(r for r in SEARCH_RATES if r <= wanted)
+
+
+def pick_size(extent: int, sizes: Sequence[int]) -> int:
+    """The first of ``sizes`` that divides ``extent``, else the first that fits."""
+    for size in sizes:
+        if size <= extent and extent % size == 0:
+            return size
+    return next((size for size in sizes if size <= extent), 1)
+
+
+def gemm_block(out_channels: int, in_channels: int) -> tuple[int, int]:
+    rows = GEMM_BLOCK_ROWS if out_channels >= WIDE_LAYER else GEMM_BLOCK_ROWS[1:]
+    return pick_size(out_channels, rows), pick_size(in_channels, BLOCK_COLS)
+
+
+def rule_for(layer, rate: float) -> RuleChoice:
+    """The rules above, for one layer (an ``npas_tvm.layers.Layer``)."""
+    name, kind, shape = layer.name, layer.kind, layer.weight_shape
+    if rate <= 1.0:
+        return RuleChoice(name, DenseSpec(), "rate 1")
+    if kind == DEPTHWISE:
+        return RuleChoice(name, DenseSpec(), "depthwise: no block reuse, memory-bound")
+    if kind == GROUPED:
+        return RuleChoice(name, DenseSpec(), "grouped: blocks would straddle groups")
+    if layer.params < SMALL_LAYER:
+        return RuleChoice(name, DenseSpec(), f"small (< {SMALL_LAYER} weights)")
+    reason = ""
+    if layer.first or layer.last:
+        rate = lighter_rate(rate)
+        reason = ("first layer, lighter; " if layer.first else "last layer, lighter; ")
+        if rate <= 1.0:
+            return RuleChoice(name, DenseSpec(), reason + "rate 1")
+    if kind in (CONV1X1, FC):
+        return RuleChoice(name, BlockBasedSpec(rate=rate, block=gemm_block(*shape[:2])),
+                          reason + "GEMM: block-based columns")
+    if kind == CONV and shape[2:] == (3, 3) and PATTERN_MIN_RATE <= rate <= PATTERN_MAX_RATE:
+        return RuleChoice(name, PatternSpec(rate=rate), reason + "3x3: pattern + connectivity")
+    block = (pick_size(shape[0], PUNCHED_FILTERS), pick_size(shape[1], BLOCK_COLS))
+    why = "3x3 outside pattern's 2.25-5x" if shape[2:] == (3, 3) else "KxK: no 3x3 patterns"
+    return RuleChoice(name, BlockPunchedSpec(rate=rate, block=block),
+                      reason + f"{why}: block-punched")
+
+
+def rule_choices(layers: Iterable, rate: float = 3.0) -> list[RuleChoice]:
+    if not isinstance(rate, (int, float)) or rate < 1:
+        raise PlanError(f"--rate {rate}: must be a number >= 1 (rate = total / kept weights)")
+    return [rule_for(layer, float(rate)) for layer in layers]
+
+
+def rule_plan(layers: Iterable, rate: float = 3.0) -> Plan:
+    """A plan from the rules: every layer listed, default dense."""
+    choices = rule_choices(layers, rate)
+    return Plan(layers={choice.layer: choice.spec for choice in choices},
+                meta={"source": "rule", "rate": float(rate)})
