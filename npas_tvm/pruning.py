@@ -215,7 +215,8 @@ def format_prune_table(report: PruneReport) -> str:
                  + (", except * : the nearest rate the structure attains" if nearest else ""))
     if filtered:
         lines.append("+ : also loses the input channels of a filter-pruned producer (counted "
-                     "as if removed; the ONNX keeps them as zeros)")
+                     "as if removed; the ONNX keeps them as zeros):")
+        lines += [f"    {row.name}: {row.note}" for row in report.rows if row.note]
     return "\n".join(lines)
 
 
