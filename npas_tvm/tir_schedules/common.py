@@ -50,24 +50,25 @@ def fuse_epilogue(sch, main_block, producers=()):
 
 
 def choose_register_tile(channel_blocks: int, width: int, registers: int,
-                         max_channel_tile: int, max_width_tile: int) -> tuple[int, int]:
+                         max_channel_tile: int, max_width_tile: int,
+                         max_accumulators: int | None = None) -> tuple[int, int]:
     """(output-channel blocks, output columns) per register tile of a blocked conv.
 
     Minimizes loads per FMA, ``(c + w) / (c * w)``, over tiles whose accumulators,
-    weight vectors and one broadcast fit the vector registers; ``c`` divides the
-    channel blocks, and a ``w`` that does not divide the width pays for its idle
-    columns.
+    weight vectors and one broadcast fit the vector registers, with ``c`` dividing
+    the channel blocks and ``w`` the width (a ragged tile adds predicates that keep
+    the accumulators out of registers). ``max_accumulators`` caps ``c * w``.
     """
+    cap = max_accumulators or registers
     best, best_cost = (1, 1), math.inf
     for c in range(1, max_channel_tile + 1):
         if channel_blocks % c:
             continue
         for w in range(1, min(max_width_tile, width) + 1):
-            if c * w + c + 1 > registers:
+            if width % w or c * w + c + 1 > registers or c * w > cap:
                 continue
-            waste = math.ceil(width / w) * w / width
-            cost = waste * (c + w) / (c * w)
-            if cost < best_cost - 1e-9 or (abs(cost - best_cost) < 1e-9 and c * w > best[0] * best[1]):
+            cost = (c + w) / (c * w)
+            if cost < best_cost - 1e-9:
                 best, best_cost = (c, w), cost
     return best
 

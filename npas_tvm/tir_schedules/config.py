@@ -31,6 +31,14 @@ class CpuScheduleConfig:
     max_channel_tile: int = 4  # output-channel blocks per register tile
     parallel_min_flops: int = 200_000  # below this a kernel stays serial (fork-join ~15 us)
     unroll_reduction: bool = True  # unroll the innermost input-channel block loop
+    # TVM places a constant-size local buffer on the stack (where LLVM promotes it to
+    # registers) only up to 1 KiB; a bigger accumulator tile becomes a heap workspace
+    # and every FMA stores to it.
+    max_local_bytes: int = 1024
+
+    def max_accumulators(self, block: int) -> int:
+        """Accumulator vectors of ``block`` fp32 lanes that stay in registers."""
+        return max(1, self.max_local_bytes // (4 * block))
 
     def with_knobs(self, **knobs) -> "CpuScheduleConfig":
         """A copy with some knobs replaced (a tuner's sampled point)."""

@@ -121,7 +121,8 @@ def schedule_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
     _, out_chunks, out_h, out_w, block, in_chunks, kh_size, kw_size, in_block = \
         loop_extents(sch, conv)
     c_tile, w_tile = choose_register_tile(out_chunks, out_w, cfg.vector_registers,
-                                          cfg.max_channel_tile, cfg.max_width_tile)
+                                          cfg.max_channel_tile, cfg.max_width_tile,
+                                          cfg.max_accumulators(block))
     out = fuse_epilogue(sch, conv, producers=[pad] if pad is not None else [])
     oc_o, oc_i = sch.split(oc, [None, c_tile])
     ow_o, ow_i = sch.split(ow, [None, w_tile])
@@ -148,7 +149,7 @@ def schedule_depthwise_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
     n, c, oh, ow, b, kh, kw = sch.get_loops(conv)
     _, chunks, out_h, out_w, block, kh_size, kw_size = loop_extents(sch, conv)
     _, w_tile = choose_register_tile(1, out_w, cfg.vector_registers, 1,
-                                     2 * cfg.max_width_tile)
+                                     2 * cfg.max_width_tile, cfg.max_accumulators(block))
     out = fuse_epilogue(sch, conv, producers=[pad] if pad is not None else [])
     ow_o, ow_i = sch.split(ow, [None, w_tile])
     sch.reorder(n, c, oh, ow_o, kh, kw, ow_i, b)
