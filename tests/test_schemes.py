@@ -319,3 +319,16 @@ def test_fit_errors_explain():
         FC, (8, 8), BlockBasedSpec(rate=3, block=(16, 4)))
     assert get_scheme("block_punched").fit_error(CONV, (13, 6, 3, 3),
                                                  BlockPunchedSpec(rate=3)) is None
+
+
+def test_ragged_block_below_one_unit_keeps_the_best_block():
+    """Rate 2.5 of six 1x1 filters in blocks of five: the mask must keep one block, the
+    best-scored one (the block of five), and its own checker must accept that."""
+    from npas_tvm.schemes.block_punched import BlockPunchedSpec
+
+    weight = np.array([0.126, -0.132, 0.640, 0.105, -0.536, 0.362],
+                      dtype=np.float32).reshape(6, 1, 1, 1)
+    spec = BlockPunchedSpec(rate=2.5, block=(5, 1))
+    mask = make_mask(weight, spec)
+    assert mask.ravel().tolist() == [True] * 5 + [False]
+    assert satisfies(mask, spec)

@@ -151,7 +151,10 @@ def covers_rate(total: int, kept: int, asked: float, granularity: Granularity) -
     """Whether keeping ``kept`` weights honours rate ``asked``: at least as sparse (with
     2% slack), or as close as the structure allows. Used by every checker."""
     target = kept_target(total, asked)
-    if kept <= target * (1.0 + RATE_TOLERANCE) or kept <= granularity.min_kept:
+    # A mask keeps at least one unit, and magnitude order makes it the best-scored one,
+    # which with ragged edge blocks may be the largest: one unit's worth always passes.
+    if kept <= target * (1.0 + RATE_TOLERANCE) or kept <= max(granularity.min_kept,
+                                                               granularity.step):
         return True
     return rate_status(total, kept, asked, granularity) != "missed"
 
