@@ -11,6 +11,12 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI replays a fixed set of examples (reproducible runs); locally every run explores anew.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_configure(config):
