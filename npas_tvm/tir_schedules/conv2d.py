@@ -110,10 +110,13 @@ def _place_pad(sch, pad, outer) -> None:
 def schedule_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
     """Register-tiled, vectorized, parallel schedule of a (fused) blocked conv kernel.
 
-    Loop nest: parallel over (image, output row, output-channel tile) -> output-column
+    Loop nest: parallel over (image, output-channel tile, output row) -> output-column
     tile -> input-channel blocks -> kh -> kw -> the ``c`` input channels (unrolled) ->
     channel tile (unrolled) -> column tile (unrolled) -> ``c`` output channels (vector).
-    The padded input rows of one output row are built inside the parallel loop.
+    Rows are innermost in the parallel loop so that one thread's consecutive
+    iterations reuse the channel tile's weights from cache (deep layers with small
+    maps are otherwise bound by weight traffic). The padded input rows of one output
+    row are built inside the parallel loop.
     """
     conv = find_block(sch, CONV_BLOCK)
     pad = find_block(sch, PAD_BLOCK)
@@ -126,8 +129,8 @@ def schedule_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
     out = fuse_epilogue(sch, conv, producers=[pad] if pad is not None else [])
     oc_o, oc_i = sch.split(oc, [None, c_tile])
     ow_o, ow_i = sch.split(ow, [None, w_tile])
-    sch.reorder(n, oh, oc_o, ow_o, ic, kh, kw, ib, oc_i, ow_i, ob)
-    outer = sch.fuse(n, oh, oc_o)
+    sch.reorder(n, oc_o, oh, ow_o, ic, kh, kw, ib, oc_i, ow_i, ob)
+    outer = sch.fuse(n, oc_o, oh)
     _finish_tile(sch, out, ow_o, depth=2)
     _place_pad(sch, pad, outer)
     flops = 2 * out_chunks * out_h * out_w * block * in_chunks * kh_size * kw_size * in_block
