@@ -103,7 +103,7 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
 
     CPU (llvm) targets run ``passes`` and then npas-tvm's dense CPU pipeline: blocked
     layouts and scheduled kernels for conv2d, dense, pooling and their fused epilogues
-    (:func:`npas_tvm.relay_passes.dense_cpu_pipeline`); ``dense_schedules=False`` keeps
+    (:func:`relay_passes.dense_cpu_pipeline`); ``dense_schedules=False`` keeps
     TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get the
     GPU pipeline, which schedules every kernel with dlight's default GPU rules.
     """
@@ -112,7 +112,7 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
 
     target = spec.tvm_target
     if dense_schedules and target.kind.name == "llvm":
-        from npas_tvm.relay_passes import dense_cpu_pipeline
+        from relay_passes import dense_cpu_pipeline
 
         pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec)])
     else:

@@ -110,7 +110,7 @@ def _lowered(onnx_model, target: str):
 
     from npas_tvm.compiler import bind_params, build, import_onnx
     from npas_tvm.model_io import load_onnx
-    from npas_tvm.relay_passes import dense_cpu_passes
+    from relay_passes import dense_cpu_passes
     from npas_tvm.targets import resolve_target
 
     spec = resolve_target(target)
@@ -170,7 +170,7 @@ def test_arm_cpu_builds_an_aarch64_object(case, tmp_path):
 def test_arm_uses_neon_blocks():
     """Blocks follow the target's SIMD width: 4 fp32 on NEON, the host's width on x86."""
     from npas_tvm.targets import resolve_target
-    from npas_tvm.tir_schedules import default_config
+    from tir_schedules import default_config
 
     arm = default_config(resolve_target("arm-cpu"))
     host = resolve_target("host")
@@ -182,7 +182,7 @@ def test_arm_uses_neon_blocks():
 
 
 def test_register_tile_fits_the_registers():
-    from npas_tvm.tir_schedules.common import choose_register_tile
+    from tir_schedules.common import choose_register_tile
 
     for registers in (16, 32):
         for blocks, width in [(16, 28), (8, 56), (4, 7), (32, 14), (1, 112), (3, 13)]:
@@ -192,7 +192,7 @@ def test_register_tile_fits_the_registers():
 
 
 def test_channel_block():
-    from npas_tvm.relay_passes.layout import channel_block
+    from relay_passes.layout import channel_block
 
     assert channel_block(64, 16) == 16
     assert channel_block(24, 16) == 8

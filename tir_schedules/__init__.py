@@ -1,1 +1,66 @@
-"""placeholder"""
+"""Default CPU schedules, no tuning needed, for the kernels a CNN compiles to.
+
+Per op family, one compute definition (the math, in TE) and one schedule template
+whose tiles come from a :class:`~tir_schedules.config.CpuScheduleConfig`
+(x86 and arm differ only there):
+
+* :mod:`.conv2d`: blocked ``NCHW{c}c`` dense/grouped and depthwise convolutions with
+  their fused epilogues (bias, clamp, residual add);
+* :mod:`.generic`: elementwise/layout kernels, and single-reduction kernels (pools,
+  global average pool, dense/matmul).
+
+:func:`schedule_primfunc` picks the template from the kernel's block structure.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tir_schedules.config import CpuScheduleConfig, default_config
+
+__all__ = ["CpuScheduleConfig", "default_config", "schedule_primfunc", "kernel_family"]
+
+_log = logging.getLogger(__name__)
+
+
+def kernel_family(func) -> str:
+    """Which template schedules ``func``: conv2d, depthwise, reduction or injective."""
+    import tvm
+
+    from tir_schedules import conv2d
+    from tir_schedules.common import find_block
+    from tir_schedules.generic import _is_reduction
+
+    sch = tvm.s_tir.Schedule(func)
+    if find_block(sch, conv2d.CONV_BLOCK) is not None:
+        return "conv2d"
+    if find_block(sch, conv2d.DEPTHWISE_BLOCK) is not None:
+        return "depthwise"
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return "reduction" if any(_is_reduction(sch, b) for b in blocks) else "injective"
+
+
+def schedule_primfunc(func, cfg: CpuScheduleConfig):
+    """``func`` scheduled by its family's template, or None if the template does not fit.
+
+    None leaves the kernel as TVM legalized it: correct, just not fast.
+    """
+    import tvm
+
+    from tir_schedules import conv2d, generic
+
+    templates = {"conv2d": conv2d.schedule_conv2d_nchwc,
+                 "depthwise": conv2d.schedule_depthwise_conv2d_nchwc,
+                 "reduction": generic.schedule_reduction,
+                 "injective": generic.schedule_injective}
+    try:
+        family = kernel_family(func)
+    except Exception:  # no root block (hand-written TIR): not ours to schedule
+        return None
+    sch = tvm.s_tir.Schedule(func)
+    try:
+        templates[family](sch, cfg)
+    except Exception as err:  # a shape the template does not cover
+        _log.debug("no %s schedule: %s", family, str(err).splitlines()[0] if str(err) else err)
+        return None
+    return sch.mod["main"]

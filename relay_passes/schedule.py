@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tvm
 
-from npas_tvm.tir_schedules import CpuScheduleConfig, schedule_primfunc
+from tir_schedules import CpuScheduleConfig, schedule_primfunc
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleDenseCPU")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from npas_tvm.tir_schedules.common import loop_extents, vector_tile
-from npas_tvm.tir_schedules.config import CpuScheduleConfig
+from tir_schedules.common import loop_extents, vector_tile
+from tir_schedules.config import CpuScheduleConfig
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
 

@@ -9,7 +9,7 @@ blocked. The transforms of constant weights are folded away by ``FoldConstant``:
 weights are pre-packed at compile time.
 
 :class:`LegalizeBlockedConv2d` lowers the blocked conv2d calls to our compute
-definitions (:mod:`npas_tvm.tir_schedules.conv2d`); any other conv2d keeps TVM's
+definitions (:mod:`tir_schedules.conv2d`); any other conv2d keeps TVM's
 default legalization.
 """
 
@@ -20,7 +20,7 @@ import re
 import tvm
 from tvm import relax
 
-from npas_tvm.tir_schedules import conv2d as conv_kernels
+from tir_schedules import conv2d as conv_kernels
 
 _BLOCKED = re.compile(r"^NCHW(\d+)c$")
 _BLOCKED_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
@@ -117,7 +117,7 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call):
 
 
 def LegalizeBlockedConv2d() -> tvm.transform.Pass:  # pylint: disable=invalid-name
-    """Legalize blocked-layout conv2d to :mod:`npas_tvm.tir_schedules.conv2d` kernels.
+    """Legalize blocked-layout conv2d to :mod:`tir_schedules.conv2d` kernels.
 
     Runs TVM's ``LegalizeOps`` with only conv2d customized: blocked calls become
     ``call_tir`` of ``conv2d_nchwc``/``depthwise_conv2d_nchwc`` (blocks named

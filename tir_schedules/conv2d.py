@@ -8,16 +8,16 @@ x output columns is accumulated in vector registers, the input is broadcast one
 channel at a time and the weights are loaded as vectors.
 
 The schedule is one template for every CPU; a target family differs only in its
-:class:`~npas_tvm.tir_schedules.config.CpuScheduleConfig`.
+:class:`~tir_schedules.config.CpuScheduleConfig`.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from npas_tvm.tir_schedules.common import (choose_register_tile, find_block, fuse_epilogue,
+from tir_schedules.common import (choose_register_tile, find_block, fuse_epilogue,
                                            loop_extents)
-from npas_tvm.tir_schedules.config import CpuScheduleConfig
+from tir_schedules.config import CpuScheduleConfig
 
 PAD_BLOCK = "npas_conv_pad"
 CONV_BLOCK = "npas_conv2d_nchwc"
