@@ -42,6 +42,11 @@ class Comparison:
     def __str__(self) -> str:
         return f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g}"
 
+    def report(self) -> str:
+        """The line printed after a check against onnxruntime."""
+        verdict = "OK" if self.ok else f"MISMATCH (tolerance {REL_TOLERANCE:g} relative)"
+        return f"check vs onnxruntime: {self}: {verdict}"
+
 
 def compare(outputs: list[np.ndarray], references: list[np.ndarray]) -> Comparison:
     if len(outputs) != len(references):

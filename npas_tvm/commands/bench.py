@@ -27,7 +27,7 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from npas_tvm.errors import NpasError
     from npas_tvm.model_io import load_onnx, parse_input_shapes
-    from npas_tvm.runtime import (REL_TOLERANCE, TVMRunner, compare, default_threads,
+    from npas_tvm.runtime import (TVMRunner, compare, default_threads,
                                   run_onnxruntime)
 
     if not os.path.isfile(args.library):
@@ -64,8 +64,7 @@ def run(args) -> int:
     status = 0
     if model is not None:
         result = compare(runner.run(inputs), run_onnxruntime(model.proto, inputs))
-        verdict = "OK" if result.ok else f"MISMATCH (tolerance {REL_TOLERANCE:g} relative)"
-        print(f"check vs onnxruntime: {result}: {verdict}")
+        print(result.report())
         status = 0 if result.ok else 1
     timing = runner.time(inputs, args.number, args.repeat)
     print(f"{args.library} on {where}: median {timing.median_ms:.3f} ms "

@@ -46,11 +46,10 @@ def run(args) -> int:
 
 def check_against_onnxruntime(model, library) -> int:
     """Run ``library`` and onnxruntime on one random input; 1 if they disagree."""
-    from npas_tvm.runtime import REL_TOLERANCE, TVMRunner, compare, run_onnxruntime
+    from npas_tvm.runtime import TVMRunner, compare, run_onnxruntime
 
     inputs = model.random_inputs()
     result = compare(TVMRunner(library, list(model.input_shapes)).run(inputs),
                      run_onnxruntime(model.proto, inputs))
-    verdict = "OK" if result.ok else f"MISMATCH (tolerance {REL_TOLERANCE:g} relative)"
-    print(f"check vs onnxruntime: {result}: {verdict}")
+    print(result.report())
     return 0 if result.ok else 1
