@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from npas_tvm import __version__
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_thread_env()  # before TVM's runtime starts its thread pool
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except NpasError as err:
@@ -45,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("npas-tvm: interrupted", file=sys.stderr)
         return 130
+
+
+def configure_logging() -> None:
+    """npas-tvm's warnings (a pruned layer left dense...) as ``npas-tvm: warning: ...``."""
+    log = logging.getLogger("npas_tvm")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("npas-tvm: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 if __name__ == "__main__":

@@ -26,16 +26,22 @@ from npas_tvm.targets import TargetSpec, check_cross_compiler
 
 @dataclass
 class RelaxModel:
-    """A Relax module whose weights are still parameters, with their values by name."""
+    """A Relax module whose weights are still named parameters of ``main``, their
+    values attached to it (``main.attrs["params"]``, TVM's convention)."""
 
     mod: "object"  # tvm.IRModule
-    params: dict[str, np.ndarray]
     input_names: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The weight values by name (the ONNX initializer names)."""
+        from relay_passes.weights import attached_params
+
+        return attached_params(self.mod["main"])
 
 
 def import_onnx(model: LoadedModel) -> RelaxModel:
     """Import with TVM's Relax ONNX frontend, keeping weight names as parameters."""
-    from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
     log, failure = io.StringIO(), None
@@ -52,13 +58,9 @@ def import_onnx(model: LoadedModel) -> RelaxModel:
             gc.collect()
     if failure is not None:
         raise ModelError(f"{model.path}: {failure}")
-    mod, params = detach_params(mod)
     func = mod["main"]
     num_inputs = int(func.attrs["num_input"])
-    names = [var.name for var in func.params[num_inputs:]]
-    values = {name: tensor.numpy() for name, tensor in zip(names, params.get("main", []))}
-    inputs = [var.name for var in func.params[:num_inputs]]
-    return RelaxModel(mod, values, inputs)
+    return RelaxModel(mod, [var.name for var in func.params[:num_inputs]])
 
 
 def _failing_node(proto, frontend_log: str) -> str:
@@ -90,33 +92,41 @@ def _native_stderr_silenced():
 
 
 def bind_params(relax_model: RelaxModel):
-    """Turn the weight parameters into constants (the form the build expects)."""
-    import tvm
-    from tvm import relax
+    """Turn the weight parameters into constants (the form TVM's own passes expect)."""
+    from relay_passes.weights import BindAttachedParams
 
-    bound = {name: tvm.runtime.tensor(value) for name, value in relax_model.params.items()}
-    return relax.transform.BindParams("main", bound)(relax_model.mod)
+    return BindAttachedParams()(relax_model.mod)
 
 
-def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = True):
+def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = True,
+          on_layer=None):
     """Build a Relax module for ``spec`` and return the VM executable.
 
-    CPU (llvm) targets run ``passes`` and then npas-tvm's dense CPU pipeline: blocked
-    layouts and scheduled kernels for conv2d, dense, pooling and their fused epilogues
-    (:func:`relay_passes.dense_cpu_pipeline`); ``dense_schedules=False`` keeps
-    TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get the
-    GPU pipeline, which schedules every kernel with dlight's default GPU rules.
+    ``mod``'s weights may still be attached parameters (:func:`import_onnx`); they are
+    bound as constants inside the pipeline, after ``passes`` and the sparse lowering.
+    CPU (llvm) targets run npas-tvm's CPU pipeline: annotated layers become sparse
+    kernels (``on_layer`` gets a :class:`relay_passes.LoweredLayer` per layer), the
+    rest blocked layouts and scheduled kernels for conv2d, dense, pooling and their
+    fused epilogues (:func:`relay_passes.dense_cpu_pipeline`); ``dense_schedules=False``
+    keeps TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get
+    the GPU pipeline, which schedules every kernel with dlight's default GPU rules.
     """
     import tvm
     from tvm import relax
+
+    from relay_passes.weights import BindAttachedParams
 
     target = spec.tvm_target
     if dense_schedules and target.kind.name == "llvm":
         from relay_passes import dense_cpu_pipeline
 
-        pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec)])
+        pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec, on_layer)])
     else:
-        pipeline = tvm.transform.Sequential([*passes, relax.get_default_pipeline(target)])
+        from relay_passes.lower_sparse import LowerToSparseKernels
+
+        pipeline = tvm.transform.Sequential([
+            *passes, LowerToSparseKernels(spec, on_layer), BindAttachedParams(),
+            relax.get_default_pipeline(target)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tvm.compile(mod, target, relax_pipeline=pipeline)
@@ -140,8 +150,7 @@ def export(executable, path: str, spec: TargetSpec, cc: str | None = None) -> st
 
 def compile_model(model: LoadedModel, spec: TargetSpec, passes: Sequence = ()):
     """ONNX model -> VM executable for ``spec``."""
-    relax_model = import_onnx(model)
-    return build(bind_params(relax_model), spec, passes)
+    return build(import_onnx(model).mod, spec, passes)
 
 
 def library_kinds(executable) -> list[str]:

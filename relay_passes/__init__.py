@@ -1,27 +1,45 @@
 """Relax graph passes of npas-tvm, each a small pass with one job.
 
-:func:`dense_cpu_pipeline` composes them with TVM's CPU backend passes into the
+(The package keeps the name ``relay_passes`` of the NPAS design; the passes are
+written on Relax, Relay's successor in TVM, which is the only graph IR TVM has now.)
+
+Pruning passes, run while weights are still named parameters of ``main``::
+
+    AnnotatePruning(plan) | DetectSparsity()   # which scheme each layer follows
+      -> ApplyPruning()                          # mask the weights (one shot)
+
+:func:`dense_cpu_pipeline` composes the rest with TVM's CPU backend passes into the
 Relax pipeline used for llvm targets::
 
-    ClampCallTIRToOps -> BlockedConvLayout -> FoldConstant (pre-packs weights)
-      -> LegalizeBlockedConv2d -> LegalizeOps -> FuseOps -> FuseTIR
-      -> ScheduleDenseCPU -> VM lowering
+    ClampCallTIRToOps -> BlockedConvLayout -> LowerToSparseKernels -> BindAttachedParams
+      -> FoldConstant (pre-packs weights) -> LegalizeBlockedConv2d -> LegalizeOps
+      -> FuseOps -> FuseTIR -> ScheduleDenseCPU -> VM lowering
 """
 
 from __future__ import annotations
 
 import tvm
 
+from relay_passes.annotate import AnnotatePruning, DetectSparsity
+from relay_passes.apply_pruning import ApplyPruning
 from relay_passes.canonicalize import ClampCallTIRToOps
 from relay_passes.layout import BlockedConvLayout, LegalizeBlockedConv2d
+from relay_passes.lower_sparse import LoweredLayer, LowerToSparseKernels
 from relay_passes.schedule import ScheduleDenseCPU
+from relay_passes.sparse_kernels import SparseKernel, register_sparse_kernel
+from relay_passes.weights import BindAttachedParams
 
-__all__ = ["ClampCallTIRToOps", "BlockedConvLayout", "LegalizeBlockedConv2d",
+__all__ = ["AnnotatePruning", "DetectSparsity", "ApplyPruning", "LowerToSparseKernels",
+           "LoweredLayer", "BindAttachedParams", "SparseKernel", "register_sparse_kernel",
+           "ClampCallTIRToOps", "BlockedConvLayout", "LegalizeBlockedConv2d",
            "ScheduleDenseCPU", "dense_cpu_passes", "dense_cpu_pipeline"]
 
 
-def dense_cpu_passes(spec) -> list:
-    """The graph passes (through scheduling) of the dense CPU path, in order."""
+def dense_cpu_passes(spec, on_layer=None) -> list:
+    """The graph passes (through scheduling) of the CPU path, in order.
+
+    Annotated layers become sparse kernels (``on_layer`` receives a row per layer);
+    the rest get the dense blocked kernels."""
     from tvm import relax
     from tvm.relax.backend import cpu_generic
 
@@ -32,7 +50,9 @@ def dense_cpu_passes(spec) -> list:
         *cpu_generic.library_dispatch_passes(spec.tvm_target),
         relax.transform.FoldConstant(),  # the frontend's clamp bounds become scalars
         ClampCallTIRToOps(),
-        BlockedConvLayout(config.lanes),
+        BlockedConvLayout(config.lanes, spec.family),
+        LowerToSparseKernels(spec, on_layer),
+        BindAttachedParams(),
         relax.transform.Normalize(),
         relax.transform.FoldConstant(),  # pre-pack the weights into the blocked layout
         LegalizeBlockedConv2d(),
@@ -41,7 +61,7 @@ def dense_cpu_passes(spec) -> list:
     ]
 
 
-def dense_cpu_pipeline(spec) -> tvm.transform.Pass:
+def dense_cpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
     """The whole Relax pipeline for an llvm ``TargetSpec``: our passes, then VM lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
@@ -51,7 +71,7 @@ def dense_cpu_pipeline(spec) -> tvm.transform.Pass:
     def pipeline(mod, ctx):
         with target:
             return tvm.transform.Sequential(
-                [*dense_cpu_passes(spec), *cpu_generic.dataflow_lower_passes(target),
+                [*dense_cpu_passes(spec, on_layer), *cpu_generic.dataflow_lower_passes(target),
                  *cpu_generic.finalize_passes(target)])(mod)
 
     return pipeline

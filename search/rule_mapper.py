@@ -23,6 +23,11 @@ its type and shape alone. The rules and why:
   blocks of whole columns give dense micro-kernels over gathered inputs. Rows are 16
   (four 4-lane fp32 NEON vectors) on wide layers, else 8 or 4, preferring sizes that
   divide the output channels; 4 columns per block.
+* **For a known target the rules follow its kernels** (:class:`RuleTarget`): block rows
+  (the filters a sparse kernel vectorizes over) prefer the target's fp32 SIMD width, and
+  a scheme without a sparse kernel for the target is not chosen where one with a kernel
+  fits (a 3x3 conv takes block-punched instead of patterns): a pruned layer that has
+  to run dense gains nothing.
 * **The first and last layers are pruned lighter** (half the extra rate, snapped down to
   the search's rates): the first sees the raw image with few channels and the last
   produces the logits; both are the most accuracy-sensitive per weight.
@@ -31,7 +36,7 @@ its type and shape alone. The rules and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from npas_tvm.errors import PlanError
 from npas_tvm.plan import Plan
@@ -48,6 +53,23 @@ GEMM_BLOCK_ROWS = (16, 8, 4)
 WIDE_LAYER = 256  # output channels from which 16-row blocks are preferred
 BLOCK_COLS = (4, 2, 1)
 PUNCHED_FILTERS = (8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class RuleTarget:
+    """What the rules need to know of the target: its fp32 SIMD width, and which
+    schemes have a sparse kernel there."""
+
+    lanes: int = 4
+    has_kernel: Callable[[str], bool] = lambda scheme: True
+
+    @classmethod
+    def for_spec(cls, spec) -> "RuleTarget":
+        """From an ``npas_tvm.targets.TargetSpec``, with the registered kernels."""
+        from relay_passes.sparse_kernels import sparse_kernel_for
+
+        return cls(lanes=max(int(spec.simd_lanes or 4), 4),
+                   has_kernel=lambda scheme: sparse_kernel_for(scheme, spec.family) is not None)
 
 
 @dataclass(frozen=True)
@@ -73,13 +95,24 @@ def pick_size(extent: int, sizes: Sequence[int]) -> int:
     return next((size for size in sizes if size <= extent), 1)
 
 
-def gemm_block(out_channels: int, in_channels: int) -> tuple[int, int]:
+def _lanes_first(sizes: Sequence[int], lanes: int | None) -> tuple[int, ...]:
+    """``sizes`` with the SIMD width (if given and among them) tried first."""
+    if lanes is None or lanes not in sizes:
+        return tuple(sizes)
+    return (lanes, *(size for size in sizes if size != lanes))
+
+
+def gemm_block(out_channels: int, in_channels: int,
+               lanes: int | None = None) -> tuple[int, int]:
     rows = GEMM_BLOCK_ROWS if out_channels >= WIDE_LAYER else GEMM_BLOCK_ROWS[1:]
+    if lanes is not None:
+        rows = _lanes_first(GEMM_BLOCK_ROWS, lanes)
     return pick_size(out_channels, rows), pick_size(in_channels, BLOCK_COLS)
 
 
-def rule_for(layer, rate: float) -> RuleChoice:
-    """The rules above, for one layer (an ``npas_tvm.layers.Layer``)."""
+def rule_for(layer, rate: float, target: RuleTarget | None = None) -> RuleChoice:
+    """The rules above, for one layer (an ``npas_tvm.layers.Layer``); ``target`` None
+    gives the target-independent rules."""
     name, kind, shape = layer.name, layer.kind, layer.weight_shape
     if rate <= 1.0:
         return RuleChoice(name, DenseSpec(), "rate 1")
@@ -96,24 +129,34 @@ def rule_for(layer, rate: float) -> RuleChoice:
         if rate <= 1.0:
             return RuleChoice(name, DenseSpec(), reason + "rate 1")
     if kind in (CONV1X1, FC):
-        return RuleChoice(name, BlockBasedSpec(rate=rate, block=gemm_block(*shape[:2])),
+        lanes = target.lanes if target else None
+        return RuleChoice(name, BlockBasedSpec(rate=rate, block=gemm_block(*shape[:2], lanes)),
                           reason + "GEMM: block-based columns")
-    if kind == CONV and shape[2:] == (3, 3) and PATTERN_MIN_RATE <= rate <= PATTERN_MAX_RATE:
+    pattern_runs = target is None or target.has_kernel("pattern")
+    if kind == CONV and shape[2:] == (3, 3) and PATTERN_MIN_RATE <= rate <= PATTERN_MAX_RATE \
+            and pattern_runs:
         return RuleChoice(name, PatternSpec(rate=rate), reason + "3x3: pattern + connectivity")
-    block = (pick_size(shape[0], PUNCHED_FILTERS), pick_size(shape[1], BLOCK_COLS))
-    why = "3x3 outside pattern's 2.25-5x" if shape[2:] == (3, 3) else "KxK: no 3x3 patterns"
+    filters = _lanes_first((16, *PUNCHED_FILTERS), target.lanes) if target else PUNCHED_FILTERS
+    block = (pick_size(shape[0], filters), pick_size(shape[1], BLOCK_COLS))
+    if shape[2:] != (3, 3):
+        why = "KxK: no 3x3 patterns"
+    elif not pattern_runs:
+        why = "3x3, no pattern kernel for the target"
+    else:
+        why = "3x3 outside pattern's 2.25-5x"
     return RuleChoice(name, BlockPunchedSpec(rate=rate, block=block),
                       reason + f"{why}: block-punched")
 
 
-def rule_choices(layers: Iterable, rate: float = 3.0) -> list[RuleChoice]:
+def rule_choices(layers: Iterable, rate: float = 3.0,
+                 target: RuleTarget | None = None) -> list[RuleChoice]:
     if not isinstance(rate, (int, float)) or rate < 1:
         raise PlanError(f"--rate {rate}: must be a number >= 1 (rate = total / kept weights)")
-    return [rule_for(layer, float(rate)) for layer in layers]
+    return [rule_for(layer, float(rate), target) for layer in layers]
 
 
-def rule_plan(layers: Iterable, rate: float = 3.0) -> Plan:
+def rule_plan(layers: Iterable, rate: float = 3.0, target: RuleTarget | None = None) -> Plan:
     """A plan from the rules: every layer listed, default dense."""
-    choices = rule_choices(layers, rate)
+    choices = rule_choices(layers, rate, target)
     return Plan(layers={choice.layer: choice.spec for choice in choices},
                 meta={"source": "rule", "rate": float(rate)})

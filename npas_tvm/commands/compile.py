@@ -19,7 +19,16 @@ def register(subparsers, common) -> None:
                                      "aarch64-linux-gnu-gcc for arm-cpu)")
     parser.add_argument("--check", action="store_true",
                         help="run the result and onnxruntime on one random input and compare "
-                             "(host only); exits 1 above 1e-4 relative error")
+                             "(host only; with --npas, against the pruned ONNX); exits 1 "
+                             "above 1e-4 relative error")
+    parser.add_argument("--npas", nargs="?", const="auto", metavar="PLAN.json|rule|detect",
+                        help="prune and compile sparse: a plan file, 'rule' (the rule-based "
+                             "plan for the target), or 'detect' (the schemes the weights' "
+                             "zeros already follow). Without a value: 'detect' if the model "
+                             "is already pruned, else 'rule'. Writes OUT.pruned.onnx beside "
+                             "the library")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="with --npas rule: the target rate (default 3)")
     parser.set_defaults(func=run)
 
 
@@ -34,8 +43,16 @@ def run(args) -> int:
         raise NpasError(f"--check runs the model here, so it needs --target host "
                         f"(not {args.target}); use `npas-tvm bench` over RPC for a device")
     model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+    if args.rate is not None and args.npas not in ("rule", "auto"):
+        raise NpasError(f"--rate applies to --npas rule; {args.npas or 'a dense compile'} "
+                        "sets its own rates")
     start = time.perf_counter()
-    executable = compile_model(model, spec)
+    if args.npas is None:
+        executable = compile_model(model, spec)
+    else:
+        from npas_tvm.sparse_compile import compile_sparse
+
+        executable, model = compile_sparse(model, spec, args.npas, args.rate, args.output)
     export(executable, args.output, spec, args.cc)
     print(f"compiled {args.model} for {spec.name} in {time.perf_counter() - start:.1f} s "
           f"-> {args.output}")

@@ -1,0 +1,176 @@
+"""Which sparse kernel runs a layer of each scheme: the registry that lowering reads.
+
+A scheme (``npas_tvm.schemes``: its spec, mask and checker) becomes fast code through a
+:class:`SparseKernel`: a packer (pruned weight -> compact arrays) and emitters that
+replace the layer's ``conv2d`` / ``matmul`` by a ``call_tir`` of a kernel from
+``tir_schedules/`` whose compact arrays are constants. Registering one is all a new
+scheme needs for ``--npas``::
+
+    register_sparse_kernel("my_scheme", MySparseKernel(), families=("x86", "arm"))
+
+``block_punched`` and ``block_based`` share :class:`GatheredKernel`: in both, the
+filters of a block of output channels keep the same input taps, so one packed format
+(per block: its kept taps and a [taps, block] weight matrix) and one kernel serve them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from npas_tvm.schemes import DEPTHWISE, SchemeSpec, get_scheme, register_hook
+
+CPU_FAMILIES = ("x86", "arm")
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What a kernel needs to know of the layer it replaces (from the Relax call)."""
+
+    op: str                         # "conv2d" or "matmul"
+    kind: str                       # the schemes' layer kind
+    weight_shape: tuple[int, ...]   # in the schemes' layout
+    data_shape: tuple[int, ...]     # the call's data argument (conv: NCHW, before blocking)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    def output_pixels(self) -> int:
+        """Output positions per weight use (conv: N*OH*OW; matmul: the rows of data)."""
+        if self.op == "matmul":
+            return int(np.prod(self.data_shape[:-1]))
+        n, _, h, w = self.data_shape
+        _, _, kh, kw = self.weight_shape
+        oh = (h + self.padding[0] + self.padding[2] - (kh - 1) * self.dilation[0] - 1) \
+            // self.strides[0] + 1
+        ow = (w + self.padding[1] + self.padding[3] - (kw - 1) * self.dilation[1] - 1) \
+            // self.strides[1] + 1
+        return n * oh * ow
+
+    def dense_macs(self) -> int:
+        return int(np.prod(self.weight_shape)) * self.output_pixels()
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A layer's packed weight, with what the report needs."""
+
+    arrays: Any                 # the kernel's own packed object
+    kept_macs: int              # multiply-adds of the kept weights, one inference
+    computed_macs: int          # what the kernel computes, padding included
+
+
+class SparseKernel:
+    """The interface of a sparse kernel for one or more schemes (subclass it).
+
+    ``unsupported`` says why a layer cannot use it (None: it can); ``pack`` turns the
+    pruned weight (schemes' layout) into compact arrays; ``output_block`` is the channel
+    block of the conv kernel's ``NCHW{c}c`` output (the layout pass gives the layer that
+    block, so neighbours need no transform); ``conv2d``/``matmul`` emit the call.
+    """
+
+    name = "sparse"
+    relative_speed = 1.0
+    """Its FLOP rate on the kept weights relative to the dense kernel's on the whole
+    layer (measured by ``benchmarks/kernels.py``); the compile table's estimate."""
+
+    def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
+        return None
+
+    def output_block(self, spec: SchemeSpec) -> int:
+        raise NotImplementedError
+
+    def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
+        raise NotImplementedError
+
+    def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        """The call (not yet emitted) of the conv on ``data`` in ``NCHW{in_block}c``; its
+        output is ``NCHW{c}c`` with ``c = output_block(spec)``."""
+        raise NotImplementedError
+
+    def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
+        """The call (not yet emitted) of ``data [rows, K] x weight^T`` -> ``[rows, M]``."""
+        raise NotImplementedError
+
+
+def register_sparse_kernel(scheme: str, kernel: SparseKernel,
+                           families: Sequence[str] = CPU_FAMILIES) -> None:
+    """Make ``kernel`` run ``scheme``'s layers on targets of ``families`` (x86, arm...)."""
+    for family in families:
+        register_hook(scheme, f"sparse_kernel:{family}", kernel)
+
+
+def sparse_kernel_for(scheme: str, family: str) -> SparseKernel | None:
+    """The kernel registered for ``scheme`` on ``family``, or None."""
+    return get_scheme(scheme).hooks.get(f"sparse_kernel:{family}")
+
+
+class GatheredKernel(SparseKernel):
+    """Blocks of filters sharing their kept taps (block_punched, block_based).
+
+    Packs with ``tir_schedules.sparse_conv.pack_gathered`` (block = the spec's rows)
+    and emits ``sparse_conv2d_nchwc`` / ``sparse_dense``: vectorized along the block's
+    filters, each kept input value loaded once per output pixel for all of them.
+    """
+
+    name = "gathered"
+    relative_speed = 0.8
+
+    def output_block(self, spec: SchemeSpec) -> int:
+        return int(spec.block[0])
+
+    def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
+        block = self.output_block(spec)
+        if geometry.op == "matmul":
+            return None
+        if geometry.kind == DEPTHWISE:
+            return "depthwise: a block's filters read different channels"
+        per_group = geometry.out_channels // geometry.groups
+        if per_group % block:
+            what = "per group " if geometry.groups > 1 else ""
+            return (f"{geometry.out_channels} output channels {what}are not a multiple of "
+                    f"the block's {block} rows (the kernel's output block)")
+        return None
+
+    def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
+        from tir_schedules.sparse_conv import pack_gathered
+
+        gathered = pack_gathered(weight, self.output_block(spec), groups=geometry.groups)
+        pixels = geometry.output_pixels()
+        return Packed(gathered, gathered.kept_macs_per_pixel() * pixels,
+                      gathered.padded_macs_per_pixel() * pixels)
+
+    @staticmethod
+    def _constants(packed: Packed):
+        from tvm import relax
+
+        arrays = packed.arrays
+        return [relax.const(arrays.values), relax.const(arrays.taps),
+                relax.const(arrays.counts)]
+
+    def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        from tir_schedules.sparse_conv import sparse_conv2d_nchwc
+
+        return bb.call_te(sparse_conv2d_nchwc, data, *self._constants(packed),
+                          list(geometry.strides), list(geometry.padding),
+                          list(geometry.dilation), geometry.out_channels,
+                          kernel_size=list(geometry.weight_shape[2:]),
+                          primfunc_name_hint="sparse_conv2d_nchwc")
+
+    def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
+        from tir_schedules.sparse_conv import sparse_dense
+
+        return bb.call_te(sparse_dense, data, *self._constants(packed), geometry.out_channels,
+                          primfunc_name_hint="sparse_dense")
+
+
+GATHERED = GatheredKernel()
+register_sparse_kernel("block_punched", GATHERED)
+register_sparse_kernel("block_based", GATHERED)
