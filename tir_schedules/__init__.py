@@ -7,7 +7,9 @@ whose tiles come from a :class:`~tir_schedules.config.CpuScheduleConfig`
 * :mod:`.conv2d`: blocked ``NCHW{c}c`` dense/grouped and depthwise convolutions with
   their fused epilogues (bias, clamp, residual add);
 * :mod:`.generic`: elementwise/layout kernels, and single-reduction kernels (pools,
-  global average pool, dense/matmul).
+  global average pool, dense/matmul);
+* :mod:`.sparse_conv`: block-sparse (block-punched / block-based pruned) convs and
+  dense layers over gathered taps, with their epilogues.
 
 :func:`schedule_primfunc` picks the template from the kernel's block structure.
 """
@@ -24,14 +26,19 @@ _log = logging.getLogger(__name__)
 
 
 def kernel_family(func) -> str:
-    """Which template schedules ``func``: conv2d, depthwise, reduction or injective."""
+    """Which template schedules ``func``: conv2d, depthwise, sparse_conv2d,
+    sparse_dense, reduction or injective."""
     import tvm
 
-    from tir_schedules import conv2d
+    from tir_schedules import conv2d, sparse_conv
     from tir_schedules.common import find_block
     from tir_schedules.generic import _is_reduction
 
     sch = tvm.s_tir.Schedule(func)
+    if find_block(sch, sparse_conv.SPARSE_CONV_BLOCK) is not None:
+        return "sparse_conv2d"
+    if find_block(sch, sparse_conv.SPARSE_DENSE_BLOCK) is not None:
+        return "sparse_dense"
     if find_block(sch, conv2d.CONV_BLOCK) is not None:
         return "conv2d"
     if find_block(sch, conv2d.DEPTHWISE_BLOCK) is not None:
@@ -47,9 +54,11 @@ def schedule_primfunc(func, cfg: CpuScheduleConfig):
     """
     import tvm
 
-    from tir_schedules import conv2d, generic
+    from tir_schedules import conv2d, generic, sparse_conv
 
     templates = {"conv2d": conv2d.schedule_conv2d_nchwc,
+                 "sparse_conv2d": sparse_conv.schedule_sparse_conv2d_nchwc,
+                 "sparse_dense": sparse_conv.schedule_sparse_dense,
                  "depthwise": conv2d.schedule_depthwise_conv2d_nchwc,
                  "reduction": generic.schedule_reduction,
                  "injective": generic.schedule_injective}
@@ -63,4 +72,6 @@ def schedule_primfunc(func, cfg: CpuScheduleConfig):
     except Exception as err:  # a shape the template does not cover
         _log.debug("no %s schedule: %s", family, str(err).splitlines()[0] if str(err) else err)
         return None
+    if family.startswith("sparse"):  # padded taps: bound each block's loop by its count
+        return sparse_conv.bound_tap_loops(sch.mod["main"])
     return sch.mod["main"]

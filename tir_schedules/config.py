@@ -35,6 +35,12 @@ class CpuScheduleConfig:
     # registers) only up to 1 KiB; a bigger accumulator tile becomes a heap workspace
     # and every FMA stores to it.
     max_local_bytes: int = 1024
+    # Sparse (gathered-tap) kernels, tir_schedules.sparse_conv:
+    sparse_pixel_tile: int = 0  # max output columns per register tile (0: register budget)
+    # parallel loop: "rows" (image, row), "rows_blocks" (image, row, filter block),
+    # "blocks" (image, filter block, row), "auto" (rows with a padding stage, else
+    # rows_blocks)
+    sparse_parallel: str = "auto"
 
     def max_accumulators(self, block: int) -> int:
         """Accumulator vectors of ``block`` fp32 lanes that stay in registers."""

@@ -1,0 +1,259 @@
+"""Sparse CPU kernels (tir_schedules.sparse_conv): the gathered-tap format and the kernels.
+
+Properties of the packed format for any mask, and the built kernels (scheduled by
+``schedule_primfunc``, as the pipeline does) against a numpy convolution / matmul on
+masked weights: shapes, strides, padding, dilation, groups, rates, block sizes, ragged
+GEMM blocks, blocks without taps, masks of the block-punched and block-based schemes,
+epilogue fusion through Relax, and an aarch64 build.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tir_schedules import sparse_conv as sc
+
+BUILD = settings(max_examples=12, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PACK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _host():
+    from npas_tvm.targets import resolve_target
+    from tir_schedules import default_config
+
+    spec = resolve_target("host")
+    return spec, default_config(spec)
+
+
+def _blocked(x: np.ndarray, ib: int) -> np.ndarray:
+    n, c, h, w = x.shape
+    return np.ascontiguousarray(x.reshape(n, c // ib, ib, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def _unblocked(y: np.ndarray) -> np.ndarray:
+    n, chunks, h, w, b = y.shape
+    return y.transpose(0, 1, 4, 2, 3).reshape(n, chunks * b, h, w)
+
+
+def _masked(rng, shape, keep: float) -> np.ndarray:
+    weight = rng.standard_normal(shape).astype("float32")
+    return weight * (rng.random(shape) < keep)
+
+
+def _schedule(func, cfg):
+    """Scheduled like the pipeline does it; fails if the sparse template did not apply."""
+    from tir_schedules import kernel_family, schedule_primfunc
+
+    assert kernel_family(func).startswith("sparse")
+    scheduled = schedule_primfunc(func, cfg)
+    assert scheduled is not None, "the sparse template did not apply"
+    assert _tap_loop_extents(scheduled) == ["counts"], "tap loop not bounded by the counts"
+    return scheduled
+
+
+def _tap_loop_extents(func) -> list[str]:
+    """For each tap loop: "counts" if bounded by a loaded count, else its extent."""
+    import tvm
+    import tvm_ffi
+
+    found = []
+
+    def visit(loop, visitor):
+        if loop.loop_var.name.startswith(sc.TAP_AXIS):
+            loads = []
+            tvm_ffi.structural_visit(loop.extent, [(tvm.ir.TensorLoad,
+                                                    lambda n, v: loads.append(n) and None)])
+            found.append("counts" if loads else str(loop.extent))
+        visitor.default_visit(loop)
+
+    tvm_ffi.structural_visit(func.body, [(tvm.tirx.For, visit)])
+    return found
+
+
+def conv_func(packed: sc.GatheredWeights, data_shape, strides, padding, dilation):
+    from tvm import te
+
+    data = te.placeholder(data_shape, name="data")
+    values = te.placeholder(packed.values.shape, name="values")
+    taps = te.placeholder(packed.taps.shape, "int32", name="taps")
+    counts = te.placeholder(packed.counts.shape, "int32", name="counts")
+    out = sc.sparse_conv2d_nchwc(data, values, taps, counts, strides, padding, dilation,
+                                 packed.out_channels, kernel_size=packed.kernel_size)
+    func = te.create_prim_func([data, values, taps, counts, out], index_dtype_override="int64")
+    return func, [int(v) for v in out.shape]
+
+
+def run_conv(x, weight, block, ib, strides=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
+             groups=1, cfg=None):
+    """The scheduled sparse kernel's NCHW output for masked ``weight``."""
+    import tvm
+
+    spec, default = _host()
+    packed = sc.pack_gathered(weight, block, groups)
+    func, out_shape = conv_func(packed, _blocked(x, ib).shape, strides, padding, dilation)
+    lib = tvm.compile(_schedule(func, cfg or default), spec.tvm_target)
+    out = tvm.runtime.empty(out_shape, "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(a) for a in (_blocked(x, ib), packed.values, packed.taps,
+                                          packed.counts)], out)
+    return _unblocked(out.numpy())
+
+
+def dense_func(packed: sc.GatheredWeights, rows: int, gemm_taps: bool = True):
+    from tvm import te
+
+    taps_array = packed.gemm_taps() if gemm_taps else packed.taps
+    data = te.placeholder((rows, packed.in_channels), name="data")
+    values = te.placeholder(packed.values.shape, name="values")
+    taps = te.placeholder(taps_array.shape, "int32", name="taps")
+    counts = te.placeholder(packed.counts.shape, "int32", name="counts")
+    out = sc.sparse_dense(data, values, taps, counts, packed.out_channels)
+    return te.create_prim_func([data, values, taps, counts, out], index_dtype_override="int64")
+
+
+def run_dense(x, weight, block, gemm_taps=True):
+    import tvm
+
+    spec, cfg = _host()
+    packed = sc.pack_gathered(weight, block)
+    lib = tvm.compile(_schedule(dense_func(packed, x.shape[0], gemm_taps), cfg),
+                      spec.tvm_target)
+    taps = packed.gemm_taps() if gemm_taps else packed.taps
+    out = tvm.runtime.empty((x.shape[0], weight.shape[0]), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a))
+          for a in (x, packed.values, taps, packed.counts)], out)
+    return out.numpy()
+
+
+def assert_close(got, ref):
+    scale = max(float(np.abs(ref).max()), 1.0)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=2e-5 * scale, rtol=1e-4)
+
+
+# --- the packed format ------------------------------------------------------------------
+
+
+@st.composite
+def masked_weights(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    block = draw(st.sampled_from([1, 2, 4, 8]))
+    gemm = draw(st.booleans()) and groups == 1
+    per_group = draw(st.integers(1, 3)) * block if groups > 1 else draw(st.integers(1, 20))
+    filters = per_group * groups
+    group_in = draw(st.integers(1, 6))
+    kh, kw = (1, 1) if gemm else (draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3])))
+    keep = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    weight = _masked(rng, (filters, group_in, kh, kw), keep)
+    return (weight[:, :, 0, 0] if gemm else weight), block, groups
+
+
+@PACK
+@given(masked_weights())
+def test_pack_round_trips_and_pads_with_valid_taps(case):
+    weight, block, groups = case
+    packed = sc.pack_gathered(weight, block, groups)
+    np.testing.assert_array_equal(packed.unpack(), weight)
+    conv = weight if weight.ndim == 4 else weight[:, :, None, None]
+    filters, group_in, kh, kw = conv.shape
+    group_out = filters // groups
+    assert packed.values.dtype == np.float32 and packed.taps.dtype == np.int32
+    assert packed.counts.dtype == np.int32
+    assert packed.values.shape == (-(-filters // block), packed.max_taps, block)
+    assert packed.taps.shape == (packed.blocks, packed.max_taps, 3)
+    for b in range(packed.blocks):
+        rows = conv[b * block:(b + 1) * block]
+        assert packed.counts[b] == np.count_nonzero(np.any(rows != 0, axis=0))
+        group = b * block // group_out
+        channel, y, x = packed.taps[b].T
+        assert np.all((channel >= group * group_in) & (channel < (group + 1) * group_in))
+        assert np.all((y >= 0) & (y < kh) & (x >= 0) & (x < kw))
+        assert not packed.values[b, packed.counts[b]:].any()
+    assert packed.kept_macs_per_pixel() == int(packed.counts.sum()) * block
+    assert packed.kept_macs_per_pixel() <= packed.padded_macs_per_pixel()
+    assert packed.in_channels == group_in * groups and packed.kernel_size == (kh, kw)
+
+
+def test_pack_rejects_blocks_across_groups():
+    with pytest.raises(ValueError, match="inside one group"):
+        sc.pack_gathered(np.ones((12, 2, 3, 3), "float32"), 4, groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        sc.pack_gathered(np.ones((10, 2, 3, 3), "float32"), 5, groups=3)
+    sc.pack_gathered(np.ones((10, 7), "float32"), 4)  # a ragged GEMM block is fine
+
+
+# --- conv kernels -----------------------------------------------------------------------
+
+
+@st.composite
+def conv_cases(draw):
+    ib = draw(st.sampled_from([4, 8]))
+    block = draw(st.sampled_from([4, 8, 16]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    in_channels = ib * groups * draw(st.integers(1, 2))
+    out_channels = block * groups * draw(st.integers(1, 2))
+    kernel = draw(st.sampled_from([1, 3, 5]))
+    stride = draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 1, 2])) if kernel > 1 else 1
+    pads = tuple(draw(st.integers(0, kernel // 2 * dilation)) for _ in range(4))
+    span = (kernel - 1) * dilation + 1
+    height = draw(st.integers(max(span - pads[0] - pads[2], 1), 11))
+    width = draw(st.integers(max(span - pads[1] - pads[3], 1), 11))
+    keep = draw(st.sampled_from([0.1, 0.3, 0.5, 1.0]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return dict(ib=ib, block=block, groups=groups, in_channels=in_channels,
+                out_channels=out_channels, kernel=kernel, stride=stride, dilation=dilation,
+                pads=pads, size=(height, width), keep=keep, seed=seed)
+
+
+def _check_conv(weight, case, x=None, cfg=None):
+    rng = np.random.default_rng(case["seed"])
+    if x is None:
+        x = rng.standard_normal((1, case["in_channels"], *case["size"])).astype("float32")
+    strides = (case["stride"],) * 2
+    dilation = (case["dilation"],) * 2
+    got = run_conv(x, weight, case["block"], case["ib"], strides, case["pads"], dilation,
+                   case["groups"], cfg)
+    assert_close(got, sc.reference_conv2d(x, weight, strides, case["pads"], dilation,
+                                          case["groups"]))
+
+
+@BUILD
+@given(conv_cases())
+def test_sparse_conv_matches_reference(case):
+    rng = np.random.default_rng(case["seed"])
+    k = case["kernel"]
+    weight = _masked(rng, (case["out_channels"], case["in_channels"] // case["groups"], k, k),
+                     case["keep"])
+    _check_conv(weight, case)
+
+
+def test_sparse_conv_blocks_without_taps():
+    rng = np.random.default_rng(1)
+    case = dict(ib=8, block=8, groups=1, in_channels=16, out_channels=32, kernel=3, stride=1,
+                dilation=1, pads=(1, 1, 1, 1), size=(6, 7), keep=0.3, seed=1)
+    weight = _masked(rng, (32, 16, 3, 3), 0.3)
+    weight[8:16] = 0  # block 1: nothing kept
+    weight[24:] = 0
+    weight[24, 5, 2, 0] = 1.5  # block 3: a single tap
+    _check_conv(weight, case)
+    _check_conv(np.zeros_like(weight), case)  # every block empty
+
+
+# --- dense kernels ----------------------------------------------------------------------
+
+
+@BUILD
+@given(rows=st.integers(1, 5), in_features=st.integers(1, 40), out_features=st.integers(1, 40),
+       block=st.sampled_from([4, 8, 16]), keep=st.sampled_from([0.0, 0.1, 0.4, 1.0]),
+       gemm_taps=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_sparse_dense_matches_numpy(rows, in_features, out_features, block, keep, gemm_taps,
+                                    seed):
+    rng = np.random.default_rng(seed)
+    weight = _masked(rng, (out_features, in_features), keep)
+    x = rng.standard_normal((rows, in_features)).astype("float32")
+    assert_close(run_dense(x, weight, block, gemm_taps), x.astype(np.float64) @ weight.T)

@@ -1,0 +1,491 @@
+"""Sparse CPU kernels for block-punched (KxK conv) and block-based (1x1 conv, FC) pruning.
+
+Both schemes leave every block of ``bf`` consecutive output channels with one set of
+kept input taps shared by all its filters (block-punched: the same (channel, kh, kw)
+positions; block-based: the same columns). So one compact format and one kernel serve
+both:
+
+* :class:`GatheredWeights` stores, per filter block, the list of kept taps
+  ``(absolute input channel, kh, kw)`` and a ``[taps, bf]`` matrix of their weights;
+* :func:`sparse_conv2d_nchwc` reads ``NCHW{ib}c`` input and writes ``NCHW{bf}c`` output
+  (the dense path's layouts, so a sparse layer sits between dense ones with no layout
+  transform); :func:`sparse_dense` is the same kernel on a ``[N, K]`` GEMM input.
+
+The kernel vectorizes along the ``bf`` filters of a block: per tap it loads the tap's
+index once and its weight vector once for a whole tile of output pixels, and broadcasts
+the tap's input value once per pixel into ``bf`` FMAs (the load-redundancy elimination).
+There is no per-element index in the inner loop.
+
+Ragged tap counts. Blocks keep different numbers of taps (block_punched keeps a
+per-layer percentile). The format pads every block to the largest count with zero
+weights at a valid position, so the TE compute is an exact plain sum over the padded
+taps (correct even unscheduled), and the schedule then bounds the tap loop by the
+block's own count (:func:`bound_tap_loops`: the loop's extent becomes ``counts[b]``,
+a data-dependent bound TIR allows), so padding costs nothing at run time: no FMA and no
+branch per padded tap. A block with zero taps writes the epilogue of 0.
+
+Load balance. The parallel loop runs over (image, output row), with the filter blocks
+inside (fused into it when no padding stage needs a per-row buffer): every parallel
+iteration then does the same work whatever the counts, so no thread gets all the heavy
+blocks and the blocks stay in filter order (no permutation of the output channels,
+which the next layer would otherwise have to undo). TVM splits a parallel loop into
+contiguous chunks, so a (block, row) order would give each thread a contiguous run of
+blocks; it is available as a knob (``sparse_parallel="blocks"``) for layers where
+weight reuse across rows matters more than balance.
+
+Register tile. Accumulators are (pixel tile) x (``bf`` / lanes) vectors; the tile is
+the largest divisor of the output width whose accumulators, one weight vector and one
+broadcast fit the vector registers and stay under ``max_local_bytes``. Padding of the
+input is built per output row inside the parallel loop (the tap indices are clamped
+into the kernel window so TVM can bound the rows it needs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from tir_schedules.common import find_block, fuse_epilogue, loop_extents
+from tir_schedules.config import CpuScheduleConfig
+from tir_schedules.conv2d import PAD_BLOCK, _output_size, _pad
+
+SPARSE_CONV_BLOCK = "npas_sparse_conv2d_nchwc"
+SPARSE_DENSE_BLOCK = "npas_sparse_dense"
+TAP_AXIS = "tap"
+
+
+@dataclass(frozen=True)
+class GatheredWeights:
+    """Per block of ``block`` output channels: the kept taps shared by its filters.
+
+    Block ``b`` holds output channels ``b * block .. b * block + block - 1`` (the last
+    block of a GEMM may be ragged: its missing rows have zero weights). Its first
+    ``counts[b]`` taps are real, sorted by (channel, kh, kw); the rest are padding with
+    zero weights that point at a valid input position.
+    """
+
+    values: np.ndarray  # float32 [blocks, taps, block], zero past counts[b]
+    taps: np.ndarray  # int32 [blocks, taps, 3]: (absolute input channel, kh, kw)
+    counts: np.ndarray  # int32 [blocks]: kept taps per block
+    out_channels: int
+    in_channels: int  # all groups
+    kernel_size: tuple[int, int]
+    groups: int
+    block: int
+    gemm: bool = False  # packed from a [M, K] matrix (unpack gives it back as such)
+
+    @property
+    def blocks(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def max_taps(self) -> int:
+        return int(self.values.shape[1])
+
+    def kept_macs_per_pixel(self) -> int:
+        """Multiply-adds per output pixel over the real taps (padding excluded)."""
+        return int(self.counts.sum()) * self.block
+
+    def padded_macs_per_pixel(self) -> int:
+        """Multiply-adds per output pixel of the padded format (every block at the
+        largest count). The scheduled kernel stops each block at its own count and so
+        executes :meth:`kept_macs_per_pixel`; this is what an unscheduled one computes."""
+        return self.blocks * self.max_taps * self.block
+
+    def gemm_taps(self) -> np.ndarray:
+        """int32 [blocks, taps]: the input-feature index of each tap (GEMM kernels)."""
+        return np.ascontiguousarray(self.taps[:, :, 0])
+
+    def unpack(self) -> np.ndarray:
+        """The dense weight back: [F, C/groups, kh, kw], or [M, K] if packed from one."""
+        kh, kw = self.kernel_size
+        group_in = self.in_channels // self.groups
+        group_out = self.out_channels // self.groups
+        rows = self.blocks * self.block
+        dense = np.zeros((rows, group_in, kh, kw), np.float32)
+        for b in range(self.blocks):
+            count = int(self.counts[b])
+            if not count:
+                continue
+            channel, y, x = self.taps[b, :count].T
+            f0 = b * self.block
+            local = channel - (f0 // group_out) * group_in if f0 < self.out_channels else channel
+            dense[f0:f0 + self.block, local, y, x] = self.values[b, :count].T
+        dense = dense[: self.out_channels]
+        return dense[:, :, 0, 0] if self.gemm else dense
+
+
+def pack_gathered(weight: np.ndarray, block: int, groups: int = 1) -> GatheredWeights:
+    """Pack a masked weight (zeros = pruned) into :class:`GatheredWeights`.
+
+    ``weight`` is a conv ``[F, C/groups, kh, kw]`` or a GEMM ``[M, K]`` (treated as
+    ``[M, K, 1, 1]``). The kept taps of a block are the union over its filters of the
+    nonzero ``(c, kh, kw)``. Every block must lie inside one group
+    (``(F/groups) % block == 0`` when ``groups > 1``); ``F % block != 0`` is allowed
+    with ``groups == 1`` (the last block is ragged: the GEMM case).
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    gemm = weight.ndim == 2
+    if gemm:
+        weight = weight[:, :, None, None]
+    if weight.ndim != 4:
+        raise ValueError(f"weight of shape {weight.shape}: expected [F, C/groups, kh, kw] "
+                         "or [M, K]")
+    if block < 1:
+        raise ValueError(f"block {block}: must be at least 1")
+    filters, group_in, kh, kw = weight.shape
+    if groups < 1 or filters % groups:
+        raise ValueError(f"groups={groups} does not divide the {filters} output channels")
+    group_out = filters // groups
+    if groups > 1 and group_out % block:
+        raise ValueError(f"block {block} does not divide the {group_out} output channels of "
+                         f"each of the {groups} groups: a filter block must lie inside one "
+                         "group")
+    blocks = -(-filters // block)
+    padded = np.zeros((blocks * block, group_in, kh, kw), np.float32)
+    padded[:filters] = weight
+    by_block = padded.reshape(blocks, block, group_in * kh * kw)
+    kept = (by_block != 0).any(axis=1)  # [blocks, taps of one group]
+    counts = kept.sum(axis=1).astype(np.int32)
+    max_taps = max(int(counts.max(initial=0)), 1)
+    values = np.zeros((blocks, max_taps, block), np.float32)
+    taps = np.zeros((blocks, max_taps, 3), np.int32)
+    for b in range(blocks):
+        base = (b * block // group_out) * group_in if b * block < filters else 0
+        flat = np.flatnonzero(kept[b])
+        channel, y, x = np.unravel_index(flat, (group_in, kh, kw))
+        count = len(flat)
+        taps[b, :count] = np.stack([channel + base, y, x], axis=1)
+        taps[b, count:] = taps[b, 0] if count else (base, 0, 0)
+        values[b, :count] = by_block[b][:, flat].T
+    return GatheredWeights(values, taps, counts, filters, group_in * groups, (kh, kw),
+                           groups, block, gemm)
+
+
+# --- computes ---------------------------------------------------------------------------
+
+
+def sparse_conv2d_nchwc(data, values, taps, counts, strides: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], out_channels: int,
+                        kernel_size: Sequence[int] | None = None):
+    """Block-sparse convolution, ``NCHW{ib}c`` in, ``NCHW{bf}c`` out.
+
+    ``data`` is ``[N, C/ib, H, W, ib]``; ``values``, ``taps``, ``counts`` are tensors of
+    the shapes of :class:`GatheredWeights`' arrays (``bf`` = ``values.shape[2]``).
+    ``padding`` is ``[top, left, bottom, right]``. ``kernel_size`` (``(kh, kw)`` of the
+    layer, ``GatheredWeights.kernel_size``) gives the output size; the taps are data,
+    so it cannot be read from them: it is required unless the kernel is 1x1 and that
+    is what is meant (pass it always). Output ``[N, F/bf, OH, OW, bf]``; requires
+    ``F % bf == 0``.
+    """
+    from tvm import te
+
+    if kernel_size is None:
+        raise ValueError("sparse_conv2d_nchwc: pass kernel_size=weights.kernel_size (the "
+                         "taps are data, so the output size cannot be derived from them)")
+    n, in_chunks, height, width, in_block = (int(v) for v in data.shape)
+    blocks, max_taps, out_block = (int(v) for v in values.shape)
+    if out_channels != blocks * out_block:
+        raise ValueError(f"sparse_conv2d_nchwc: {out_channels} output channels in {blocks} "
+                         f"blocks of {out_block}: the blocked output needs F % bf == 0")
+    kh_size, kw_size = (int(k) for k in kernel_size)
+    (sh, sw), (dh, dw) = (int(s) for s in strides), (int(d) for d in dilation)
+    out_h = _output_size(height, kh_size, sh, dh, padding[0] + padding[2])
+    out_w = _output_size(width, kw_size, sw, dw, padding[1] + padding[3])
+    padded = _pad(data, padding)
+    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
+
+    def clamp(value, upper):  # a no-op on valid taps; bounds the input rows per output row
+        return te.min(te.max(value, 0), upper - 1)
+
+    def body(b, oc, oh, ow, o):
+        channel = clamp(taps[oc, t, 0], in_chunks * in_block)
+        y = oh * sh + clamp(taps[oc, t, 1], kh_size) * dh
+        x = ow * sw + clamp(taps[oc, t, 2], kw_size) * dw
+        term = values[oc, t, o] * padded[b, channel // in_block, y, x, channel % in_block]
+        return te.sum(te.if_then_else(t < counts[oc], term, 0.0), axis=t)
+
+    return te.compute((n, blocks, out_h, out_w, out_block), body, name=SPARSE_CONV_BLOCK)
+
+
+def sparse_dense(data, values, taps, counts, out_features: int):
+    """Block-sparse ``data @ W.T``: ``data`` ``[N, K]`` -> ``[N, M]``.
+
+    ``taps`` is either ``[blocks, taps]`` int32 (the K index of each tap, see
+    :meth:`GatheredWeights.gemm_taps`) or the ``[blocks, taps, 3]`` array of
+    :func:`pack_gathered` (only its channel column is read). The last block may be
+    ragged (``M % bf != 0``).
+    """
+    from tvm import te
+
+    n, _ = (int(v) for v in data.shape)
+    blocks, max_taps, out_block = (int(v) for v in values.shape)
+    if not (blocks - 1) * out_block < out_features <= blocks * out_block:
+        raise ValueError(f"sparse_dense: {out_features} outputs do not fit {blocks} blocks "
+                         f"of {out_block}")
+    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
+    three = len(taps.shape) == 3
+
+    def body(i, m):
+        b, o = m // out_block, m % out_block
+        k = taps[b, t, 0] if three else taps[b, t]
+        return te.sum(te.if_then_else(t < counts[b], values[b, t, o] * data[i, k], 0.0),
+                      axis=t)
+
+    return te.compute((n, out_features), body, name=SPARSE_DENSE_BLOCK)
+
+
+# --- schedules --------------------------------------------------------------------------
+
+
+def pixel_tile(width: int, block: int, cfg: CpuScheduleConfig) -> int:
+    """Output columns per register tile: the largest divisor of ``width`` whose
+    ``tile x ceil(block / lanes)`` accumulators, one weight vector per lane group and a
+    broadcast fit the registers and ``max_local_bytes``."""
+    vectors = -(-block // cfg.lanes)
+    cap = cfg.sparse_pixel_tile or cfg.vector_registers
+    best = 1
+    for tile in range(1, min(width, cap) + 1):
+        if width % tile:
+            continue
+        if tile * vectors + vectors + 1 > cfg.vector_registers:
+            continue
+        if tile * block * 4 > cfg.max_local_bytes:
+            continue
+        best = tile
+    return best
+
+
+def _finish_tile(sch, out_block, at_loop) -> None:
+    """The epilogue at the register tile: the tile's loops unrolled, the innermost
+    (the filters of a block) vectorized."""
+    from tir_schedules.common import same
+
+    sch.reverse_compute_at(out_block, at_loop)
+    loops = sch.get_loops(out_block)
+    depth = [i for i, loop in enumerate(loops) if same(sch, loop, at_loop)][0] + 1
+    tile_loops = loops[depth:]
+    for loop in tile_loops[:-1]:
+        sch.unroll(loop)
+    if tile_loops:
+        sch.vectorize(tile_loops[-1])
+
+
+def schedule_sparse_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
+    """Register-tiled, vectorized, parallel schedule of a (fused) sparse conv kernel.
+
+    Loop nest: parallel over (image, output row[, filter block]) -> filter block ->
+    output-column tile -> taps of the block (bounded by its count) -> column tile
+    (unrolled) -> the ``bf`` filters (vector). The padded input rows of one output row
+    are built inside the parallel loop.
+    """
+    conv = find_block(sch, SPARSE_CONV_BLOCK)
+    pad = find_block(sch, PAD_BLOCK)
+    n, oc, oh, ow, ob, tap = sch.get_loops(conv)
+    _, blocks, out_h, out_w, block, max_taps = loop_extents(sch, conv)
+    w_tile = pixel_tile(out_w, block, cfg)
+    out = fuse_epilogue(sch, conv, producers=[pad] if pad is not None else [])
+    ow_o, ow_i = sch.split(ow, [None, w_tile])
+    mode = cfg.sparse_parallel
+    if mode == "auto":
+        mode = "rows" if pad is not None else "rows_blocks"
+    if mode == "blocks":
+        sch.reorder(n, oc, oh, ow_o, tap, ow_i, ob)
+        outer = sch.fuse(n, oc, oh)
+        tile_at = ow_o
+    elif mode == "rows_blocks":
+        sch.reorder(n, oh, oc, ow_o, tap, ow_i, ob)
+        outer = sch.fuse(n, oh, oc)
+        tile_at = ow_o
+    else:  # rows
+        sch.reorder(n, oh, oc, ow_o, tap, ow_i, ob)
+        outer = sch.fuse(n, oh)
+        tile_at = ow_o
+    _finish_tile(sch, out, tile_at)
+    if pad is not None:
+        if mode == "rows":
+            sch.compute_at(pad, outer)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    flops = 2 * blocks * out_h * out_w * block * max_taps
+    if flops >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+    sch.unroll(ow_i)
+    sch.vectorize(ob)
+    sch.decompose_reduction(conv, tap)
+
+
+def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
+    """Parallel over (row tile, filter block) -> taps of the block (bounded by its count)
+    -> rows of the tile (unrolled) -> the ``bf`` outputs of the block (vector)."""
+    dense = find_block(sch, SPARSE_DENSE_BLOCK)
+    i, m, tap = sch.get_loops(dense)
+    rows, out_features, max_taps = loop_extents(sch, dense)
+    block = _dense_block(sch, dense)
+    out = fuse_epilogue(sch, dense)
+    m_o, m_i = sch.split(m, [None, block])
+    r_tile = pixel_tile(rows, block, cfg)
+    i_o, i_i = sch.split(i, [None, r_tile])
+    sch.reorder(i_o, m_o, tap, i_i, m_i)
+    outer = sch.fuse(i_o, m_o)
+    _finish_tile(sch, out, outer)
+    if 2 * rows * out_features * max_taps >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+    sch.unroll(i_i)
+    sch.vectorize(m_i)
+    sch.decompose_reduction(dense, tap)
+
+
+def _dense_block(sch, block) -> int:
+    """``bf`` of a sparse dense block: the last dimension of its weight-value buffer."""
+    for region in sch.get(block).reads:
+        if len(region.source.shape) == 3 and str(region.source.dtype) == "float32":
+            return int(region.source.shape[2])
+    raise ValueError("sparse dense block without a [blocks, taps, bf] value buffer")
+
+
+# --- the data-dependent tap bound --------------------------------------------------------
+
+
+def _is_tap_guard(expr) -> bool:
+    """Whether ``expr`` is the compute's ``if_then_else(tap < counts[b], x, 0)``."""
+    import tvm
+
+    if not (isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name in ("prim.if_then_else", "tirx.if_then_else") and isinstance(expr.args[0], tvm.prim.LT)):
+        return False
+    bound = expr.args[0].b
+    if isinstance(bound, tvm.prim.Cast):
+        bound = bound.value
+    return (isinstance(bound, tvm.ir.TensorLoad) and len(bound.indices) == 1
+            and "int" in str(bound.ty))
+
+
+def _substitute(expr, mapping: dict):
+    import tvm_ffi
+    from tvm import tirx
+
+    def mutate(node, mutator):
+        for var, value in mapping.items():
+            if node.same_as(var):
+                return value
+        return node
+
+    return tvm_ffi.structural_mutate(expr, [(tirx.Var, mutate)])
+
+
+def bound_tap_loops(func):
+    """Stop each block's tap loop at ``counts[b]`` instead of the padded maximum.
+
+    The computes guard every tap with ``tap < counts[b]``; in a scheduled kernel (tap
+    loop outside the pixel tile and the filter vector, as the templates here place it)
+    this turns the guard into the loop's bound, ``for tap in range(counts[b])``, and
+    drops it from the body: padded taps then cost neither FMAs nor branches. A function
+    without a sparse block is returned unchanged.
+    """
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []  # (realize, guard) of the reduction blocks that carry the tap guard
+
+    def find(node, visitor):
+        guards = []
+
+        def find_guard(call, inner):
+            if _is_tap_guard(call):
+                guards.append(call)
+            inner.default_visit(call)
+
+        name = node.block.name_hint
+        if name.startswith((SPARSE_CONV_BLOCK, SPARSE_DENSE_BLOCK)):
+            tvm_ffi.structural_visit(node.block.body, [(tvm.ir.Call, find_guard)])
+            if guards:
+                found.append((node, guards[0]))
+        visitor.default_visit(node)
+
+    tvm_ffi.structural_visit(func.body, [(tvm.s_tir.SBlockRealize, find)])
+    if len(found) != 1:
+        return func
+    realize, guard = found[0]
+    condition = guard.args[0]
+    bindings = {iv.var: value for iv, value in zip(realize.block.iter_vars,
+                                                   realize.iter_values)}
+    tap_loop_var = _substitute(condition.a, bindings)
+    if not isinstance(tap_loop_var, tirx.Var):
+        return func
+    bound = _substitute(condition.b, bindings)
+    state = {"inside": []}
+
+    def collect_inner(node, visitor):  # loops nested in the tap loop: bound their vars
+        state["inside"].append(node)
+        visitor.default_visit(node)
+
+    def mutate_for(node, mutator):
+        if not node.loop_var.same_as(tap_loop_var):
+            return mutator.default_mutate(node)
+        tvm_ffi.structural_visit(node.body, [(tirx.For, collect_inner)])
+        analyzer = tvm.sym.Analyzer()
+        for loop in state["inside"]:
+            analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
+        extent = analyzer.simplify(bound)
+        if any(_uses(extent, loop.loop_var) for loop in state["inside"]):
+            raise ValueError("tap bound depends on a loop inside the tap loop")
+        state["done"] = True
+        body = tvm_ffi.structural_mutate(node.body, [(tvm.ir.Call, drop_guard)])
+        return tirx.For(node.loop_var, node.min, tirx.Cast(str(node.loop_var.ty), extent),
+                        node.kind, body, node.thread_binding, node.annotations)
+
+    def drop_guard(node, mutator):
+        node = mutator.default_mutate(node)
+        return node.args[1] if _is_tap_guard(node) else node
+
+    body = tvm_ffi.structural_mutate(func.body, [(tirx.For, mutate_for)])
+    return func.with_body(body) if state.get("done") else func
+
+
+def _uses(expr, var) -> bool:
+    import tvm_ffi
+    from tvm import tirx
+
+    hits = []
+
+    def visit(node, visitor):
+        hits.append(node.same_as(var))
+
+    tvm_ffi.structural_visit(expr, [(tirx.Var, visit)])
+    return any(hits)
+
+
+# --- reference ---------------------------------------------------------------------------
+
+
+def reference_conv2d(data_nchw: np.ndarray, weight: np.ndarray, strides: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int],
+                     groups: int = 1) -> np.ndarray:
+    """Plain numpy NCHW convolution (float64 accumulation); ``padding`` is
+    ``[top, left, bottom, right]`` and ``weight`` ``[F, C/groups, kh, kw]``."""
+    data = np.asarray(data_nchw, np.float64)
+    weight = np.asarray(weight, np.float64)
+    n, channels, _, _ = data.shape
+    filters, group_in, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    data = np.pad(data, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (data.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (data.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    group_out = filters // groups
+    out = np.zeros((n, filters, out_h, out_w))
+    for g in range(groups):
+        x = data[:, g * group_in:(g + 1) * group_in]
+        wg = weight[g * group_out:(g + 1) * group_out]
+        for y in range(kh):
+            for z in range(kw):
+                window = x[:, :, y * dh:y * dh + (out_h - 1) * sh + 1:sh,
+                           z * dw:z * dw + (out_w - 1) * sw + 1:sw]
+                out[:, g * group_out:(g + 1) * group_out] += np.einsum(
+                    "nchw,fc->nfhw", window, wg[:, :, y, z])
+    assert channels == group_in * groups
+    return out.astype(np.float32)
