@@ -143,6 +143,8 @@ def rate_status(total: int, kept: int, asked: float, granularity: Granularity) -
     in a layer of 1152 cannot give 3x) reports ``nearest``, so users see which."""
     if kept > 0 and abs(total / kept / asked - 1.0) <= RATE_TOLERANCE:
         return "exact"
+    if 0 < kept <= granularity.step and kept_target(total, asked) < kept:
+        return "nearest"  # one unit, the best-scored (with ragged blocks, maybe the largest)
     target = min(max(kept_target(total, asked), granularity.min_kept), granularity.max_kept)
     return "nearest" if abs(kept - target) <= granularity.step / 2 + 1e-9 else "missed"
 

@@ -50,19 +50,42 @@ def _grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[np.ndarray, n
 
 
 def _select_columns(squares: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                    target: float) -> np.ndarray:
+                    target: float, equal_rows: bool = False) -> np.ndarray:
     """[Mb, Kb, bc] keep mask of block columns, the same share kept in every block.
 
-    ``squares`` is [Mb, br, Kb, bc] and ``heights`` [Mb, Kb] the rows each block
-    column holds (its unit size)."""
+    With ``equal_rows``, every row of blocks also keeps the same number of columns in
+    total (give or take one): a row of blocks is the unit of work of the sparse kernel,
+    so equal rows balance it. ``squares`` is [Mb, br, Kb, bc] and ``heights`` [Mb, Kb]
+    the rows each block column holds (its unit size)."""
     row_blocks, _, col_blocks, cols = squares.shape
-    scores = np.sqrt(squares.sum(axis=1)).reshape(row_blocks * col_blocks, cols)
-    valid = np.broadcast_to(np.arange(cols)[None, :] < widths[:, None],
-                            (row_blocks, col_blocks, cols)).reshape(-1, cols)
-    held = float((heights.reshape(-1, 1) * valid).sum())
-    keep = balanced_select(scores, valid, heights.reshape(-1), target / held if held else 0.0,
-                           target)
-    return keep.reshape(row_blocks, col_blocks, cols)
+    scores = np.sqrt(squares.sum(axis=1))                                   # [Mb, Kb, bc]
+    valid = np.broadcast_to(np.arange(cols)[None, :] < widths[:, None], (col_blocks, cols))
+    held = (heights[:, :, None] * valid[None]).sum(axis=(1, 2)).astype(np.float64)  # [Mb]
+    total = float(held.sum())
+    unit = heights.max(axis=1).astype(np.float64)                           # [Mb]
+    uniform = bool((heights == heights.max()).all())  # no ragged row of blocks
+    if not (equal_rows and uniform and target >= total / row_blocks / 2):
+        flat_valid = np.broadcast_to(valid[None], scores.shape).reshape(-1, cols)
+        keep = balanced_select(scores.reshape(-1, cols), flat_valid, heights.reshape(-1),
+                               target / total if total else 0.0, target)
+        return keep.reshape(scores.shape)
+    # Whole columns per row of blocks, apportioned (largest remainder) to hit the target.
+    wanted = target * held / total / unit
+    columns = np.floor(wanted + 1e-9)
+    missing = int(np.floor((target - (columns * unit).sum()) / unit.mean() + 0.5))
+    if columns.sum() + max(missing, 0) == 0:
+        missing = 1  # a mask keeps at least one unit
+    if missing > 0:
+        columns[np.argsort(-(wanted - columns), kind="stable")[:missing]] += 1
+    keep = np.zeros(scores.shape, dtype=bool)
+    available = int(valid.sum())
+    for row in range(row_blocks):
+        if columns[row] <= 0:
+            continue
+        share = min(columns[row], available) / available
+        keep[row] = balanced_select(scores[row], valid, heights[row], share,
+                                    min(columns[row], available) * unit[row])
+    return keep
 
 
 def _select_rows(squares: np.ndarray, widths: np.ndarray, heights: np.ndarray,
@@ -88,7 +111,7 @@ def block_based_mask(weight: np.ndarray, spec: BlockBasedSpec) -> np.ndarray:
     else:
         row_keep = np.ones(squares.shape[:3], dtype=bool)
         kept_rows = np.broadcast_to(heights[:, None], (squares.shape[0], squares.shape[2]))
-    col_keep = _select_columns(squares, kept_rows, widths, target)
+    col_keep = _select_columns(squares, kept_rows, widths, target, equal_rows=not spec.rows)
     mask = row_keep[:, :, :, None] & col_keep[:, None, :, :]
     return unblocked(mask, matrix.shape).reshape(weight.shape).copy()
 
