@@ -50,7 +50,7 @@ def dense_cpu_passes(spec, on_layer=None) -> list:
         *cpu_generic.library_dispatch_passes(spec.tvm_target),
         relax.transform.FoldConstant(),  # the frontend's clamp bounds become scalars
         ClampCallTIRToOps(),
-        BlockedConvLayout(config.lanes, spec.family),
+        BlockedConvLayout(config.lanes),
         LowerToSparseKernels(spec, on_layer),
         BindAttachedParams(),
         relax.transform.Normalize(),

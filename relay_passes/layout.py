@@ -44,13 +44,12 @@ def _static_shape(expr) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def conv2d_layouts(call, lanes: int, out_block: int | None = None) -> list[str] | None:
+def conv2d_layouts(call, lanes: int) -> list[str] | None:
     """The ``[data, kernel, output]`` layouts for a conv2d call, or None to keep NCHW.
 
     Dense and grouped convs: ``NCHW{ib}c``/``OIHW{ib}i{ob}o``/``NCHW{ob}c``, where the
     input block may be the whole (small) input channel count, as for an RGB image.
-    Depthwise (multiplier 1): ``NCHW{c}c``/``OIHW1i{c}o``. ``out_block`` imposes
-    ``ob`` (a sparse kernel's output block).
+    Depthwise (multiplier 1): ``NCHW{c}c``/``OIHW1i{c}o``.
     """
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
@@ -59,25 +58,21 @@ def conv2d_layouts(call, lanes: int, out_block: int | None = None) -> list[str] 
     if data_shape is None or kernel_shape is None or call.args[0].ty.dtype != "float32":
         return None
     in_channels, out_channels, groups = data_shape[1], kernel_shape[0], int(attrs.groups)
-    if groups == in_channels == out_channels and kernel_shape[1] == 1 and out_block is None:
+    if groups == in_channels == out_channels and kernel_shape[1] == 1:
         block = channel_block(in_channels, lanes)
         return None if block is None else [f"NCHW{block}c", f"OIHW1i{block}o", f"NCHW{block}c"]
     group_in, group_out = in_channels // groups, out_channels // groups
-    out_block = out_block or channel_block(group_out, lanes)
+    out_block = channel_block(group_out, lanes)
     in_block = channel_block(group_in, lanes)
     if in_block is None and groups == 1 and in_channels <= lanes:
         in_block = in_channels
-    if out_block is None or in_block is None or group_out % out_block:
+    if out_block is None or in_block is None:
         return None
     return [f"NCHW{in_block}c", f"OIHW{in_block}i{out_block}o", f"NCHW{out_block}c"]
 
 
-def BlockedConvLayout(lanes: int, family: str = "x86") -> tvm.transform.Pass:  # pylint: disable=invalid-name
+def BlockedConvLayout(lanes: int) -> tvm.transform.Pass:  # pylint: disable=invalid-name
     """``ConvertLayout`` with a blocked layout chosen per conv2d (see :func:`conv2d_layouts`).
-
-    A conv annotated for a sparse kernel (``relay_passes.annotate``) of ``family``
-    gets the kernel's output block, so that the sparse conv's neighbours read and
-    write its layout directly.
 
     Example (``lanes=16``)::
 
@@ -89,28 +84,14 @@ def BlockedConvLayout(lanes: int, family: str = "x86") -> tvm.transform.Pass:  #
         y = R.layout_transform(yb, ...)           # only where a consumer needs NCHW
     """
 
-    @tvm.transform.module_pass(opt_level=0, name="BlockedConvLayout")
-    def convert(mod, ctx):
-        from relay_passes.lower_sparse import sparse_layers
+    def desired(call):
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+            layouts = conv2d_layouts(call, lanes)
+            if layouts is not None:
+                return {"relax.nn.conv2d": layouts}
+        return {}
 
-        out_blocks = {}
-        if "main" in [gv.name_hint for gv in mod.get_global_vars()]:
-            for name, layer in sparse_layers(mod["main"], family).items():
-                if layer.kernel is not None and layer.use.op == "conv2d":
-                    out_blocks[name] = layer.kernel.output_block(layer.spec)
-
-        def desired(call):
-            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-                weight = call.args[1]
-                block = out_blocks.get(weight.name) if isinstance(weight, relax.Var) else None
-                layouts = conv2d_layouts(call, lanes, block)
-                if layouts is not None:
-                    return {"relax.nn.conv2d": layouts}
-            return {}
-
-        return relax.transform.ConvertLayout({}, desired)(mod)
-
-    return convert
+    return relax.transform.ConvertLayout({}, desired)
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call):

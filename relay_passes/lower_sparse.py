@@ -190,9 +190,11 @@ class LowerToSparseKernels:
     the registered :class:`~relay_passes.sparse_kernels.SparseKernel` of the target's
     family packs the (pruned) weight into compact arrays, which become constants of a
     ``call_tir`` of the kernel. Bias, activation and residual add after it stay Relax
-    ops, which fusion then puts into the kernel's epilogue. Run after the layout pass
-    (which gives sparse convs their kernel's output block) for no extra layout
-    transforms; on ``NCHW`` convs the pass places the transforms itself. A layer whose
+    ops, which fusion then puts into the kernel's epilogue. Run after the layout pass:
+    a sparse conv then reads and writes its neighbours' blocked layout, with no
+    transform where its block (the kernel's vector of filters) is that layout's block
+    (the rule mapper picks block rows of the SIMD width for this); otherwise, and on
+    ``NCHW`` convs, the pass places the transforms itself. A layer whose
     scheme has no kernel, or whose shape the kernel does not cover, stays dense with a
     warning naming the layer.
 

@@ -72,8 +72,9 @@ class SparseKernel:
 
     ``unsupported`` says why a layer cannot use it (None: it can); ``pack`` turns the
     pruned weight (schemes' layout) into compact arrays; ``output_block`` is the channel
-    block of the conv kernel's ``NCHW{c}c`` output (the layout pass gives the layer that
-    block, so neighbours need no transform); ``conv2d``/``matmul`` emit the call.
+    block of the conv kernel's ``NCHW{c}c`` output (where it is not the block of the
+    neighbours' layout, the lowering adds a transform); ``conv2d``/``matmul`` emit the
+    call.
     """
 
     name = "sparse"
