@@ -63,8 +63,8 @@ class Packed:
     """A layer's packed weight, with what the report needs."""
 
     arrays: Any                 # the kernel's own packed object
-    kept_macs: int              # multiply-adds of the kept weights, one inference
-    computed_macs: int          # what the kernel computes, padding included
+    kept_macs: int              # multiply-adds of the nonzero weights, one inference
+    computed_macs: int          # what the kernel executes (zeros it stores included)
 
 
 class SparseKernel:
@@ -145,8 +145,9 @@ class GatheredKernel(SparseKernel):
 
         gathered = pack_gathered(weight, self.output_block(spec), groups=geometry.groups)
         pixels = geometry.output_pixels()
-        return Packed(gathered, gathered.kept_macs_per_pixel() * pixels,
-                      gathered.padded_macs_per_pixel() * pixels)
+        # the scheduled kernel stops each block at its own tap count
+        return Packed(gathered, int(np.count_nonzero(weight)) * pixels,
+                      gathered.kept_macs_per_pixel() * pixels)
 
     @staticmethod
     def _constants(packed: Packed):

@@ -1,0 +1,93 @@
+"""``npas-tvm compile --npas``: every zoo model, host and arm-cpu, checked against
+onnxruntime on the pruned ONNX written beside the library; detection of a pruned
+model; bad input gives one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from npas_tvm.cli import main
+from npas_tvm.zoo import ZOO_NAMES
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_rule_plan_compiles_sparse_and_matches_the_pruned_onnx(zoo_onnx, tmp_path, capsys,
+                                                               name):
+    library = str(tmp_path / f"{name}.so")
+    code, out, err = run_cli(["compile", zoo_onnx(name), "--npas", "-o", library, "--check"],
+                             capsys)
+    assert code == 0, out + err
+    assert "rule-based plan at 3x" in out
+    assert os.path.exists(tmp_path / f"{name}.pruned.onnx")
+    assert "gathered" in out and ": OK" in out
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_rule_plan_compiles_for_arm_cpu(zoo_onnx, tmp_path, capsys, name):
+    library = tmp_path / f"{name}.so"
+    code, out, err = run_cli(["compile", zoo_onnx(name), "--target", "arm-cpu",
+                              "--npas", "rule", "--rate", "5", "-o", str(library)], capsys)
+    assert code == 0, out + err
+    assert "gathered" in out
+    with open(library, "rb") as handle:
+        header = handle.read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183
+
+
+def test_a_pruned_model_compiles_sparse_without_a_plan(zoo_onnx, tmp_path, capsys):
+    first = str(tmp_path / "first.so")
+    code, out, err = run_cli(["compile", zoo_onnx("vgg_cifar"), "--npas", "rule",
+                              "-o", first], capsys)
+    assert code == 0, out + err
+    pruned = str(tmp_path / "first.pruned.onnx")
+    code, out, err = run_cli(["compile", pruned, "--npas", "-o", str(tmp_path / "again.so"),
+                              "--check"], capsys)
+    assert code == 0, out + err
+    assert "schemes detected from the weights' zeros" in out
+    assert out.count("gathered") >= 3 and ": OK" in out
+
+
+def test_a_plan_file_is_followed(zoo_onnx, tmp_path, capsys):
+    plan = {"format": "npas-plan", "version": 1,
+            "layers": {"features.3.weight": {"scheme": "block_punched", "rate": 5,
+                                             "block": [16, 4]}}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    code, out, err = run_cli(["compile", zoo_onnx("vgg_cifar"), "--npas", str(path),
+                              "-o", str(tmp_path / "v.so"), "--check"], capsys)
+    assert code == 0, out + err
+    rows = [line for line in out.splitlines() if line.startswith("features.")]
+    assert len(rows) == 1 and "block_punched" in rows[0] and " 5.0" in rows[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--npas", "missing.json"], "missing.json: no such plan file"),
+    (["--npas", "detect", "--rate", "3"], "--rate applies to --npas rule"),
+    (["--rate", "3"], "--rate applies to --npas rule"),
+])
+def test_bad_npas_arguments_give_one_line(zoo_onnx, tmp_path, capsys, args, message):
+    code, out, err = run_cli(["compile", zoo_onnx("vgg_cifar"), "-o", str(tmp_path / "x.so"),
+                              *args], capsys)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_plan_naming_an_unknown_layer_is_refused(zoo_onnx, tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "npas-plan", "version": 1,
+                                "layers": {"features.3.weigth": {"scheme": "dense"}}}))
+    code, _, err = run_cli(["compile", zoo_onnx("vgg_cifar"), "--npas", str(path),
+                            "-o", str(tmp_path / "x.so")], capsys)
+    assert code == 2 and "features.3.weigth" in err and "did you mean" in err
