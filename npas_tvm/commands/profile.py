@@ -22,11 +22,17 @@ def register(subparsers, common) -> None:
     parser.add_argument("--tvm-default", action="store_true",
                         help="build with TVM's default CPU pipeline instead of npas-tvm's "
                              "dense schedules (the baseline)")
+    parser.add_argument("--npas", nargs="?", const="auto", metavar="PLAN.json|rule|detect",
+                        help="prune and compile sparse first, as `compile --npas` does (the "
+                             "pruned ONNX goes to --work-dir)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="with --npas rule: the target rate (default 3)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from npas_tvm.compiler import bind_params, build, import_onnx
+    from npas_tvm.errors import NpasError
     from npas_tvm.model_io import load_onnx
     from npas_tvm.profile import profile_vm
     from npas_tvm.runtime import TVMRunner, default_threads
@@ -38,11 +44,21 @@ def run(args) -> int:
         path = export_zoo_model(args.model, os.path.join(args.work_dir, f"{args.model}.onnx"))
     model = load_onnx(path)
     spec = resolve_target("host")
-    executable = build(bind_params(import_onnx(model)), spec,
-                       dense_schedules=not args.tvm_default)
+    if args.npas:
+        from npas_tvm.sparse_compile import compile_sparse
+
+        if args.tvm_default:
+            raise NpasError("--npas builds with npas-tvm's schedules; drop --tvm-default")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        executable, model = compile_sparse(model, spec, args.npas, args.rate,
+                                           os.path.join(args.work_dir, f"{stem}.so"))
+    else:
+        executable = build(bind_params(import_onnx(model)), spec,
+                           dense_schedules=not args.tvm_default)
     runner = TVMRunner(executable, list(model.input_shapes))
     report = profile_vm(runner.vm, runner.tensors(model.random_inputs()), repeat=args.repeat)
-    pipeline = "TVM default" if args.tvm_default else "npas-tvm dense schedules"
+    pipeline = ("TVM default" if args.tvm_default else
+                f"npas-tvm, --npas {args.npas}" if args.npas else "npas-tvm dense schedules")
     print(f"{args.model} on {detect_host_cpu().describe()}, TVM_NUM_THREADS="
           f"{default_threads()}, {pipeline}")
     print(report.table(top=args.top))
