@@ -174,7 +174,8 @@ def test_pack_round_trips_and_pads_with_valid_taps(case):
         assert np.all((y >= 0) & (y < kh) & (x >= 0) & (x < kw))
         assert not packed.values[b, packed.counts[b]:].any()
     assert packed.kept_macs_per_pixel() == int(packed.counts.sum()) * block
-    assert packed.kept_macs_per_pixel() <= packed.padded_macs_per_pixel()
+    assert packed.kept_macs_per_pixel() == packed.padded_macs_per_pixel()
+    assert packed.padded_macs_per_pixel() <= packed.stored_macs_per_pixel()
     assert packed.in_channels == group_in * groups and packed.kernel_size == (kh, kw)
 
 

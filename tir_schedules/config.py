@@ -41,6 +41,7 @@ class CpuScheduleConfig:
     # "blocks" (image, filter block, row), "auto" (rows with a padding stage, else
     # rows_blocks)
     sparse_parallel: str = "auto"
+    sparse_accumulator_scope: str = "global"  # see sparse_conv's module docstring
 
     def max_accumulators(self, block: int) -> int:
         """Accumulator vectors of ``block`` fp32 lanes that stay in registers."""
@@ -49,6 +50,39 @@ class CpuScheduleConfig:
     def with_knobs(self, **knobs) -> "CpuScheduleConfig":
         """A copy with some knobs replaced (a tuner's sampled point)."""
         return dataclasses.replace(self, **knobs)
+
+
+# The tuner's search space: per template family, the knobs it reads and the values
+# tried (the default config's value is always tried first). ``npas-tvm tune`` enumerates
+# the product per kernel, dedupes the schedules that come out identical, and measures
+# the ones its cost model ranks best.
+TUNABLE_KNOBS: dict[str, dict[str, tuple]] = {
+    "conv2d": {"max_width_tile": (2, 4, 6, 8, 12, 16), "max_channel_tile": (1, 2, 4, 8),
+               "unroll_reduction": (True, False), "parallel_min_flops": (0, 10**15)},
+    "depthwise": {"max_width_tile": (2, 4, 8, 16), "parallel_min_flops": (0, 10**15)},
+    "sparse_conv2d": {"sparse_pixel_tile": (0, 2, 4, 7, 8, 14, 16),
+                      "sparse_parallel": ("auto", "rows", "rows_blocks", "blocks"),
+                      "sparse_accumulator_scope": ("global", "local"),
+                      "parallel_min_flops": (0, 10**15)},
+    "sparse_dense": {"sparse_pixel_tile": (0, 2, 4, 8, 16),
+                     "sparse_accumulator_scope": ("global", "local"),
+                     "parallel_min_flops": (0, 10**15)},
+    "reduction": {"lanes": (4, 8, 16), "parallel_min_flops": (0, 10**15)},
+}
+
+
+def knob_candidates(family: str, base: CpuScheduleConfig) -> list[CpuScheduleConfig]:
+    """Every point of ``family``'s knob space, ``base`` first (``[base]`` if untunable)."""
+    import itertools
+
+    space = TUNABLE_KNOBS.get(family, {})
+    names = list(space)
+    configs = [base]
+    for values in itertools.product(*(space[name] for name in names)):
+        config = base.with_knobs(**dict(zip(names, values)))
+        if config != base:
+            configs.append(config)
+    return configs
 
 
 def default_config(spec) -> CpuScheduleConfig:
