@@ -95,9 +95,9 @@ def write_pruned_onnx(model: LoadedModel, values: dict[str, np.ndarray],
 
 
 def compile_sparse(model: LoadedModel, spec: TargetSpec, npas: str, rate: float | None,
-                   output: str):
+                   output: str, table: bool = True, tuning_db=None):
     """Prune ``model`` as ``--npas`` says and build it; returns (executable, the pruned
-    model). Prints the per-layer table."""
+    model). Prints a summary line and (``table``) the per-layer table."""
     import tvm
 
     from npas_tvm.compiler import build, import_onnx
@@ -112,9 +112,10 @@ def compile_sparse(model: LoadedModel, spec: TargetSpec, npas: str, rate: float 
     pruned = write_pruned_onnx(model, {name: values[name] for name in annotated},
                                pruned_path(output))
     rows: list = []
-    executable = build(mod, spec, on_layer=rows.append)
+    executable = build(mod, spec, on_layer=rows.append, tuning_db=tuning_db)
     print(f"--npas: {source}; {len(annotated)} layers pruned; pruned ONNX -> {pruned.path}")
-    print(format_lowering_table(rows, spec))
+    text = format_lowering_table(rows, spec)
+    print(text if table else text.splitlines()[-1] if rows else text)
     return executable, pruned
 
 

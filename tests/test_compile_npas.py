@@ -91,3 +91,12 @@ def test_a_plan_naming_an_unknown_layer_is_refused(zoo_onnx, tmp_path, capsys):
     code, _, err = run_cli(["compile", zoo_onnx("vgg_cifar"), "--npas", str(path),
                             "-o", str(tmp_path / "x.so")], capsys)
     assert code == 2 and "features.3.weigth" in err and "did you mean" in err
+
+
+def test_demo_builds_dense_and_sparse_and_prints_the_table(tmp_path, capsys):
+    code, out, err = run_cli(["demo", "--model", "vgg_cifar", "--rounds", "3",
+                              "--work-dir", str(tmp_path)], capsys)
+    assert code == 0, out + err
+    assert out.count("(OK)") == 2 and "MISMATCH" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| vgg_cifar |"))
+    assert len(row.split("|")) == 10 and "faster" in row

@@ -1,8 +1,10 @@
 """``npas-tvm demo``: the main job on a built-in model, end to end.
 
-Exports a zoo model to ONNX, compiles it for the host, checks it against onnxruntime
-and prints a latency table (TVM vs onnxruntime, medians, ratio) with the machine and
-thread settings it was measured under.
+Exports a zoo model to ONNX and compiles it for the host twice: dense, and pruned with
+the rule-based plan (``--npas``, sparse kernels). Checks each against onnxruntime (the
+sparse one on the pruned ONNX) and prints a latency table (sparse TVM, dense TVM,
+onnxruntime on the dense model; medians, ratios) with the machine and thread settings
+it was measured under.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ def register(subparsers, common) -> None:
                         help=f"zoo model (default {DEFAULT_MODEL}) or all")
     parser.add_argument("--work-dir", default="npas-demo", help="where models and libraries go")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per engine")
+    parser.add_argument("--npas", default="rule", metavar="PLAN.json|rule",
+                        help="the pruning of the sparse build (default: the rule-based plan)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="with --npas rule: the target rate (default 3)")
+    parser.add_argument("--dense-only", action="store_true",
+                        help="skip the sparse build (dense TVM vs onnxruntime only)")
     parser.set_defaults(func=run)
 
 
@@ -49,17 +57,56 @@ def run(args) -> int:
         inputs = model.random_inputs()
         check = compare(runner.run(inputs), session.run(None, inputs))
         failed |= not check.ok
-        print(f"{name}: compiled -> {library}; vs onnxruntime: {check} "
+        print(f"{name}: dense -> {library}; vs onnxruntime: {check} "
               f"({'OK' if check.ok else 'MISMATCH'})", flush=True)
-        tensors = runner.tensors(inputs)
-        timings = time_interleaved(
-            {"tvm": lambda: runner.vm["main"](*tensors),
-             "ort": lambda: session.run(None, inputs)}, rounds=args.rounds)
-        rows.append((name, timings["tvm"], timings["ort"]))
+        engines = {"dense": _call(runner, inputs), "ort": lambda: session.run(None, inputs)}
+        if not args.dense_only:
+            sparse, ok = _sparse_build(model, spec, args, name)
+            failed |= not ok
+            engines["sparse"] = _call(sparse, inputs)
+        timings = time_interleaved(engines, rounds=args.rounds)
+        rows.append((name, timings))
     print()
-    print("| model | TVM dense (ms) | onnxruntime (ms) | TVM / onnxruntime | rounds |")
-    print("|---|---:|---:|---:|---:|")
-    for name, tvm_t, ort_t in rows:
-        print(f"| {name} | {tvm_t.median_ms:.2f} | {ort_t.median_ms:.2f} | "
-              f"{tvm_t.median_ms / ort_t.median_ms:.2f}x | {tvm_t.rounds} |")
+    print_table(rows)
     return 1 if failed else 0
+
+
+def _call(runner, inputs):
+    tensors = runner.tensors(inputs)
+    return lambda: runner.vm["main"](*tensors)
+
+
+def _sparse_build(model, spec, args, name: str):
+    """Compile ``model`` with ``--npas``; (runner, whether it matches the pruned ONNX)."""
+    from npas_tvm.compiler import export
+    from npas_tvm.runtime import TVMRunner, compare, run_onnxruntime
+    from npas_tvm.sparse_compile import compile_sparse
+
+    output = os.path.join(args.work_dir, f"{name}.npas.host.so")
+    executable, pruned = compile_sparse(model, spec, args.npas, args.rate, output,
+                                        table=False)
+    library = export(executable, output, spec)
+    runner = TVMRunner(library, list(pruned.input_shapes))
+    inputs = pruned.random_inputs()
+    check = compare(runner.run(inputs), run_onnxruntime(pruned.proto, inputs))
+    print(f"{name}: sparse -> {library}; vs onnxruntime on {pruned.path}: {check} "
+          f"({'OK' if check.ok else 'MISMATCH'})", flush=True)
+    return runner, check.ok
+
+
+def print_table(rows) -> None:
+    sparse = any("sparse" in timings for _, timings in rows)
+    head = "| model | TVM sparse (ms) | TVM dense (ms) | onnxruntime (ms) | sparse: vs ORT | sparse: vs dense TVM | dense TVM / ORT | rounds |"
+    if not sparse:
+        head = "| model | TVM dense (ms) | onnxruntime (ms) | dense TVM / ORT | rounds |"
+    print(head)
+    print("|---" + "|---:" * (head.count("|") - 2) + "|")
+    for name, t in rows:
+        dense, ort = t["dense"].median_ms, t["ort"].median_ms
+        cells = [f"{dense:.2f}", f"{ort:.2f}"]
+        if sparse:
+            fast = t["sparse"].median_ms
+            cells = [f"{fast:.2f}", *cells, f"{ort / fast:.2f}x faster",
+                     f"{dense / fast:.2f}x faster"]
+        cells += [f"{dense / ort:.2f}x", str(t["dense"].rounds)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
