@@ -109,7 +109,8 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
     rest blocked layouts and scheduled kernels for conv2d, dense, pooling and their
     fused epilogues (:func:`relay_passes.dense_cpu_pipeline`); ``dense_schedules=False``
     keeps TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get
-    the GPU pipeline, which schedules every kernel with dlight's default GPU rules.
+    TVM's GPU pipeline with the sparse kernels' OpenCL schedules
+    (:func:`relay_passes.gpu.gpu_pipeline`); dlight's default GPU rules schedule the rest.
     """
     import tvm
     from tvm import relax
@@ -121,6 +122,10 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
         from relay_passes import dense_cpu_pipeline
 
         pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec, on_layer)])
+    elif dense_schedules and target.kind.name == "opencl":
+        from relay_passes.gpu import gpu_pipeline
+
+        pipeline = tvm.transform.Sequential([*passes, gpu_pipeline(spec, on_layer)])
     else:
         from relay_passes.lower_sparse import LowerToSparseKernels
 

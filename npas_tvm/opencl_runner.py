@@ -55,14 +55,18 @@ def _ndrange(dims: dict[str, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 class OpenCLModel:
-    """A bound Relax module lowered for an OpenCL ``target``, runnable through pyopencl."""
+    """A Relax module lowered for an OpenCL ``target``, runnable through pyopencl.
 
-    def __init__(self, mod, target):
+    ``pipeline`` is the Relax pipeline (default: TVM's for the target, which needs the
+    weights bound); npas-tvm's (``relay_passes.gpu.gpu_pipeline``) adds the sparse kernels.
+    """
+
+    def __init__(self, mod, target, pipeline=None):
         import tvm
         from tvm import relax
 
         with target:
-            self.vm_mod = relax.get_default_pipeline(target)(mod)
+            self.vm_mod = (pipeline or relax.get_default_pipeline(target))(mod)
         build = sys.modules["tvm.tirx.build"]
         tir_mod = tvm.tirx.transform.BindTarget(target.with_host(target.host))(
             relax.vm_build._filter_tir(self.vm_mod))

@@ -23,6 +23,7 @@ import numpy as np
 from npas_tvm.schemes import DEPTHWISE, SchemeSpec, get_scheme, register_hook
 
 CPU_FAMILIES = ("x86", "arm")
+ALL_FAMILIES = (*CPU_FAMILIES, "opencl")
 
 
 @dataclass(frozen=True)
@@ -174,5 +175,5 @@ class GatheredKernel(SparseKernel):
 
 
 GATHERED = GatheredKernel()
-register_sparse_kernel("block_punched", GATHERED)
-register_sparse_kernel("block_based", GATHERED)
+register_sparse_kernel("block_punched", GATHERED, ALL_FAMILIES)
+register_sparse_kernel("block_based", GATHERED, ALL_FAMILIES)

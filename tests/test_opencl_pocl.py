@@ -36,3 +36,75 @@ def test_wrong_local_size_is_never_used():
 
     global_size, local_size = _ndrange({"blockIdx.x": 4, "threadIdx.x": 8, "threadIdx.y": 2})
     assert local_size == (8, 2, 1) and global_size == (32, 2, 1)
+
+
+# ------------------------------------------------------------------ sparse kernels
+
+
+def _sparse_on_pocl(path, plan, target, tmp_path):
+    """Prune ``path`` by ``plan``, lower for ``target`` with npas-tvm's GPU pipeline, run
+    on PoCL; returns (lowered layers, runner, comparison against the pruned ONNX)."""
+    import tvm
+
+    from npas_tvm.model_io import load_onnx
+    from npas_tvm.sparse_compile import write_pruned_onnx
+    from relay_passes import AnnotatePruning, ApplyPruning
+    from relay_passes.gpu import gpu_pipeline
+    from relay_passes.weights import attached_params
+
+    model = load_onnx(path)
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    pruned = write_pruned_onnx(model, attached_params(mod["main"]),
+                               str(tmp_path / "pruned.onnx"))
+    spec, rows = resolve_target(target), []
+    runner = OpenCLModel(mod, spec.tvm_target, gpu_pipeline(spec, rows.append))
+    inputs = pruned.random_inputs(seed=1)
+    result = compare(runner.run(list(inputs.values())), run_onnxruntime(pruned.proto, inputs))
+    return rows, runner, result
+
+
+@pytest.mark.parametrize("target", ["mali", "adreno"])
+def test_sparse_kernels_run_on_pocl_and_match(tmp_path, target):
+    from onnx_graphs import small_cnn
+    from test_npas_passes import PLAN
+
+    rows, runner, result = _sparse_on_pocl(small_cnn(tmp_path / "m.onnx"), PLAN, target,
+                                           tmp_path)
+    assert result.ok, f"{target}: {result.report()}"
+    assert sum(row.kernel == "gathered" for row in rows) == 4
+    sparse = [k for name, k in runner.kernels.items() if "sparse" in name]
+    assert len(sparse) == 4 and all(k.local_size[0] <= 256 for k in sparse)
+    assert "__kernel void" in runner.source and "sparse_conv2d_nchwc" in runner.source
+
+
+@pytest.mark.parametrize("case", [
+    dict(kernel=3, stride=2, dilation=1, groups=1, rate=5, block=(8, 4)),
+    dict(kernel=3, stride=1, dilation=2, groups=2, rate=3, block=(16, 4)),
+    dict(kernel=5, stride=1, dilation=1, groups=1, rate=10, block=(4, 4)),
+    dict(kernel=1, stride=1, dilation=1, groups=1, rate=2, block=(16, 8)),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""))
+def test_sparse_conv_options_on_pocl(tmp_path, case):
+    from onnx_graphs import make_graph
+
+    from npas_tvm.schemes import BlockBasedSpec, BlockPunchedSpec
+
+    g = make_graph((1, 32, 9, 9))
+    g.conv(32, kernel=case["kernel"], stride=case["stride"], dilation=case["dilation"],
+           groups=case["groups"])
+    g.op("Relu")
+    spec_type = BlockBasedSpec if case["kernel"] == 1 else BlockPunchedSpec
+    plan = {"conv1.weight": spec_type(rate=case["rate"], block=case["block"])}
+    rows, _, result = _sparse_on_pocl(g.save(tmp_path / "m.onnx"), plan, "mali", tmp_path)
+    assert [row.kernel for row in rows] == ["gathered"]
+    assert result.ok, result.report()
+
+
+def test_compile_npas_for_mali_lowers_to_sparse_kernels(zoo_onnx, tmp_path, capsys):
+    from npas_tvm.cli import main
+
+    code = main(["compile", zoo_onnx("vgg_cifar"), "--target", "mali", "--npas",
+                 "-o", str(tmp_path / "v.so")])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "gathered" in out and "Traceback" not in err

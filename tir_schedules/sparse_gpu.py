@@ -1,0 +1,98 @@
+"""OpenCL (Mali, Adreno) schedules of the gathered-tap sparse kernels.
+
+The math is :mod:`tir_schedules.sparse_conv`'s (the same TE computes, packed format and
+fused epilogues); only the schedule differs. One work-item computes ``vector`` output
+channels of one block (a ``float4`` along the block's filters) at one output pixel, and
+walks the block's taps: per tap one input value (shared by the ``vector`` filters) and one
+``float4`` of weights. A work-group holds the pixels of one output row (split to fit the
+device's work-group limit) times the block's vectors; work-groups cover (image, filter
+block, row). The zero-padding and tap-offset stages are inlined into the kernel, so one
+launch does the whole layer. Tap loops stop at each block's count, as on the CPU.
+"""
+
+from __future__ import annotations
+
+from tir_schedules.common import find_block, loop_extents
+from tir_schedules.sparse_conv import (SPARSE_CONV_BLOCK, SPARSE_DENSE_BLOCK,
+                                       bound_tap_loops)
+
+VECTOR = 4  # float4: what Mali and Adreno load and compute in one instruction
+
+
+def _inline_around(sch, main) -> object:
+    """Inline every stage before ``main`` (padding, tap offsets) and all epilogue
+    stages but the last, which is returned (or None if ``main`` writes the output)."""
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    position = names.index(sch.get(main).name_hint)
+    for block in blocks[:position]:
+        sch.compute_inline(block)
+    after = blocks[position + 1:]
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    return after[-1] if after else None
+
+
+def _vector(extent: int) -> int:
+    return VECTOR if extent % VECTOR == 0 else 1
+
+
+def _map_threads(sch, main, out, spatial: list, lanes, tap, max_threads: int) -> None:
+    """Work-items over (last spatial loop, vectors of ``lanes``), work-groups over the
+    other spatial loops and the rest of the last; per work-item the taps run outside
+    its vector of outputs, whose accumulators stay in registers."""
+    extent = int(sch.get(lanes).extent)
+    vector = _vector(extent)
+    vec_o, vec_i = sch.split(lanes, [None, vector])
+    inner = int(sch.get(spatial[-1]).extent)
+    per_group = max(1, min(inner, max_threads // (extent // vector)))
+    inner_o, inner_i = sch.split(spatial[-1], [None, per_group])
+    sch.reorder(*spatial[:-1], inner_o, inner_i, vec_o, tap, vec_i)
+    sch.bind(sch.fuse(*spatial[:-1], inner_o), "blockIdx.x")
+    thread = sch.fuse(inner_i, vec_o)
+    sch.bind(thread, "threadIdx.x")
+    sch.unroll(vec_i)
+    if out is None:  # no epilogue: accumulate in registers, then store
+        out = sch.cache_write(main, 0, "local")
+    else:  # the epilogue reads the accumulators straight from registers
+        sch.set_scope(main, 0, "local")
+    sch.reverse_compute_at(out, thread)
+    sch.decompose_reduction(main, tap)
+
+
+def schedule_sparse_conv2d_gpu(sch, max_threads: int = 256) -> None:
+    """Work-groups over (image, filter block, row, pixel chunk); work-items over
+    (pixel, float4 of the block's filters); taps serial per work-item."""
+    conv = find_block(sch, SPARSE_CONV_BLOCK)
+    out = _inline_around(sch, conv)
+    n, oc, oh, ow, o, tap = sch.get_loops(conv)
+    _map_threads(sch, conv, out, [n, oc, oh, ow], o, tap, max_threads)
+
+
+def schedule_sparse_dense_gpu(sch, max_threads: int = 256) -> None:
+    """Work-groups over (row, feature chunk); work-items over float4s of features."""
+    dense = find_block(sch, SPARSE_DENSE_BLOCK)
+    out = _inline_around(sch, dense)
+    rows, features, tap = sch.get_loops(dense)
+    vector = _vector(loop_extents(sch, dense)[1])
+    chunk, lane = sch.split(features, [None, vector])
+    _map_threads(sch, dense, out, [rows, chunk], lane, tap, max_threads)
+
+
+def schedule_sparse_gpu(func, max_threads: int = 256):
+    """``func`` scheduled for an OpenCL device if it is a sparse kernel, else None."""
+    import tvm
+
+    from tir_schedules import kernel_family
+
+    try:
+        family = kernel_family(func)
+    except Exception:  # no root block: not ours
+        return None
+    templates = {"sparse_conv2d": schedule_sparse_conv2d_gpu,
+                 "sparse_dense": schedule_sparse_dense_gpu}
+    if family not in templates:
+        return None
+    sch = tvm.s_tir.Schedule(func)
+    templates[family](sch, max_threads)
+    return bound_tap_loops(sch.mod["main"])
