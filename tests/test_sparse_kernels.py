@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tir_schedules import sparse_conv as sc
 
-BUILD = settings(max_examples=12, deadline=None,
+BUILD = settings(max_examples=25, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PACK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -258,3 +258,168 @@ def test_sparse_dense_matches_numpy(rows, in_features, out_features, block, keep
     weight = _masked(rng, (out_features, in_features), keep)
     x = rng.standard_normal((rows, in_features)).astype("float32")
     assert_close(run_dense(x, weight, block, gemm_taps), x.astype(np.float64) @ weight.T)
+
+
+# --- masks of the pruning schemes ---------------------------------------------------------
+
+
+@BUILD
+@given(rate=st.sampled_from([2.0, 3.0, 5.0, 10.0]), bf=st.sampled_from([4, 8, 16]),
+       bc=st.sampled_from([1, 4]), kernel=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**32 - 1))
+def test_block_punched_masks(rate, bf, bc, kernel, stride, seed):
+    from npas_tvm.schemes import BlockPunchedSpec, make_mask
+
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((2 * bf, 16, kernel, kernel)).astype("float32")
+    weight *= make_mask(weight, BlockPunchedSpec(rate=rate, block=(bf, bc)))
+    packed = sc.pack_gathered(weight, bf)
+    # punched through the block: every filter of a block keeps the same taps
+    assert packed.kept_macs_per_pixel() == np.count_nonzero(weight)
+    case = dict(ib=8, block=bf, groups=1, in_channels=16, out_channels=2 * bf, kernel=kernel,
+                stride=stride, dilation=1, pads=(kernel // 2,) * 4, size=(9, 10), seed=seed)
+    _check_conv(weight, case)
+
+
+@BUILD
+@given(rate=st.sampled_from([2.0, 3.0, 5.0, 10.0]), br=st.sampled_from([4, 8, 16]),
+       bc=st.sampled_from([1, 2, 4, 8]), fc=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_block_based_masks(rate, br, bc, fc, seed):
+    from npas_tvm.schemes import BlockBasedSpec, make_mask
+
+    rng = np.random.default_rng(seed)
+    if fc:  # ragged: rows not a multiple of the block
+        weight = rng.standard_normal((3 * br + br // 2, 40)).astype("float32")
+        weight *= make_mask(weight, BlockBasedSpec(rate=rate, block=(br, bc)))
+        x = rng.standard_normal((2, 40)).astype("float32")
+        assert_close(run_dense(x, weight, br), x.astype(np.float64) @ weight.T)
+        return
+    weight = rng.standard_normal((2 * br, 32, 1, 1)).astype("float32")
+    weight *= make_mask(weight, BlockBasedSpec(rate=rate, block=(br, bc)))
+    case = dict(ib=8, block=br, groups=1, in_channels=32, out_channels=2 * br, kernel=1,
+                stride=1, dilation=1, pads=(0, 0, 0, 0), size=(7, 7), seed=seed)
+    _check_conv(weight, case)
+
+
+# --- schedule knobs and target families -----------------------------------------------------
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(sparse_parallel="rows"), dict(sparse_parallel="blocks"),
+    dict(sparse_pixel_tile=3), dict(sparse_accumulator_scope="local"),
+    dict(parallel_min_flops=10**12),  # serial
+    dict(lanes=8, vector_registers=16),  # the AVX2 family's numbers
+    dict(family="arm", lanes=4, vector_registers=32),  # NEON's
+])
+def test_knobs_keep_results(knobs):
+    _, cfg = _host()
+    rng = np.random.default_rng(3)
+    weight = _masked(rng, (32, 16, 3, 3), 0.2)
+    weight[16:24] = 0
+    case = dict(ib=8, block=8, groups=1, in_channels=16, out_channels=32, kernel=3, stride=1,
+                dilation=1, pads=(1, 1, 1, 1), size=(8, 12), seed=3)
+    _check_conv(weight, case, cfg=cfg.with_knobs(**knobs))
+
+
+def test_batch_of_images():
+    rng = np.random.default_rng(4)
+    weight = _masked(rng, (16, 8, 3, 3), 0.3)
+    x = rng.standard_normal((3, 8, 6, 5)).astype("float32")
+    case = dict(ib=4, block=8, groups=1, in_channels=8, out_channels=16, kernel=3, stride=2,
+                dilation=1, pads=(1, 0, 1, 2), size=(6, 5), seed=4)
+    _check_conv(weight, case, x=x)
+
+
+def test_register_tile_fits_each_family():
+    from tir_schedules.config import CpuScheduleConfig
+
+    for cfg in (CpuScheduleConfig("x86", 16, 32), CpuScheduleConfig("x86", 8, 16),
+                CpuScheduleConfig("arm", 4, 32)):
+        for width in (7, 14, 28, 56, 13):
+            for block in (4, 8, 16, 32):
+                tile = sc.pixel_tile(width, block, cfg)
+                vectors = -(-block // cfg.lanes)
+                assert width % tile == 0
+                assert tile * vectors + vectors + 1 <= cfg.vector_registers or tile == 1
+                assert tile * block * 4 <= cfg.max_local_bytes
+    assert sc.pixel_tile(14, 16, CpuScheduleConfig("x86", 16, 32)) == 14
+    assert sc.pixel_tile(14, 8, CpuScheduleConfig("x86", 8, 16)) == 14
+    assert sc.pixel_tile(28, 16, CpuScheduleConfig("x86", 16, 32).with_knobs(
+        sparse_pixel_tile=7)) == 7
+
+
+# --- Relax: fusion with the epilogue, and the arm build ------------------------------------
+
+
+def _relax_sparse_module(packed, x_shape, bias):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(bb.call_te(sc.sparse_conv2d_nchwc, x, relax.const(packed.values),
+                                   relax.const(packed.taps), relax.const(packed.counts),
+                                   (1, 1), (1, 1, 1, 1), (1, 1), packed.out_channels,
+                                   kernel_size=packed.kernel_size,
+                                   primfunc_name_hint="sparse_conv"))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            out = bb.emit_output(bb.emit(relax.op.clip(y, 0.0, 6.0)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _fuse_and_schedule(mod, cfg):
+    import tvm
+    from tvm import relax
+
+    from tir_schedules import kernel_family, schedule_primfunc
+
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    patterns = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc)}
+    assert patterns["sparse_conv"] == 4  # kOutEWiseFusable: the epilogue fuses into it
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    prims = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(prims) == 1, [gv.name_hint for gv, _ in prims]
+    gv, func = prims[0]
+    assert kernel_family(func) == "sparse_conv2d"
+    mod[gv] = _schedule(func, cfg).with_attr("tirx.is_scheduled", True)
+    return mod
+
+
+def test_epilogue_fuses_into_one_scheduled_kernel():
+    import tvm
+    from tvm import relax
+
+    spec, cfg = _host()
+    rng = np.random.default_rng(5)
+    weight = _masked(rng, (32, 16, 3, 3), 0.25)
+    weight[:8] = 0  # a block without taps: its output is the epilogue of 0
+    packed = sc.pack_gathered(weight, 16)
+    bias = rng.standard_normal((1, 2, 1, 1, 16)).astype("float32")
+    x = rng.standard_normal((1, 16, 9, 11)).astype("float32")
+    mod = _fuse_and_schedule(_relax_sparse_module(packed, (1, 2, 9, 11, 8), bias), cfg)
+    vm = relax.VirtualMachine(tvm.compile(mod, spec.tvm_target), tvm.cpu())
+    got = _unblocked(vm["main"](tvm.runtime.tensor(_blocked(x, 8))).numpy())
+    ref = sc.reference_conv2d(x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert_close(got, np.clip(ref + _unblocked(bias), 0, 6))
+
+
+def test_builds_for_arm():
+    import tvm
+
+    from npas_tvm.targets import resolve_target
+    from tir_schedules import default_config
+
+    spec = resolve_target("arm-cpu")
+    cfg = default_config(spec)
+    rng = np.random.default_rng(6)
+    packed = sc.pack_gathered(_masked(rng, (8, 8, 3, 3), 0.3), 4)
+    bias = rng.standard_normal((1, 2, 1, 1, 4)).astype("float32")
+    mod = _fuse_and_schedule(_relax_sparse_module(packed, (1, 2, 10, 10, 4), bias), cfg)
+    assert tvm.compile(mod, spec.tvm_target) is not None
+    gemm = sc.pack_gathered(_masked(rng, (10, 24), 0.3), 4)
+    lib = tvm.compile(_schedule(dense_func(gemm, 1), cfg), spec.tvm_target)
+    assert "fmla" in lib.mod.inspect_source("asm")  # NEON vector FMAs
