@@ -352,17 +352,22 @@ def test_register_tile_fits_each_family():
 
 
 def _relax_sparse_module(packed, x_shape, bias):
+    """x -> sparse conv (blocked 5-D x) or sparse dense (2-D x) -> + bias -> clip."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    constants = [relax.const(a) for a in (packed.values, packed.taps, packed.counts)]
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(bb.call_te(sc.sparse_conv2d_nchwc, x, relax.const(packed.values),
-                                   relax.const(packed.taps), relax.const(packed.counts),
-                                   (1, 1), (1, 1, 1, 1), (1, 1), packed.out_channels,
-                                   kernel_size=packed.kernel_size,
-                                   primfunc_name_hint="sparse_conv"))
+            if len(x_shape) == 2:
+                y = bb.emit(bb.call_te(sc.sparse_dense, x, *constants, packed.out_channels,
+                                       primfunc_name_hint="sparse"))
+            else:
+                y = bb.emit(bb.call_te(sc.sparse_conv2d_nchwc, x, *constants, (1, 1),
+                                       (1, 1, 1, 1), (1, 1), packed.out_channels,
+                                       kernel_size=packed.kernel_size,
+                                       primfunc_name_hint="sparse"))
             y = bb.emit(relax.op.add(y, relax.const(bias)))
             out = bb.emit_output(bb.emit(relax.op.clip(y, 0.0, 6.0)))
         bb.emit_func_output(out)
@@ -379,12 +384,12 @@ def _fuse_and_schedule(mod, cfg):
     mod = relax.transform.AnnotateTIROpPattern()(mod)
     patterns = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions_items()
                 if isinstance(f, tvm.tirx.PrimFunc)}
-    assert patterns["sparse_conv"] == 4  # kOutEWiseFusable: the epilogue fuses into it
+    assert patterns["sparse"] == 4  # kOutEWiseFusable: the epilogue fuses into it
     mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
     prims = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(prims) == 1, [gv.name_hint for gv, _ in prims]
     gv, func = prims[0]
-    assert kernel_family(func) == "sparse_conv2d"
+    assert kernel_family(func).startswith("sparse")
     mod[gv] = _schedule(func, cfg).with_attr("tirx.is_scheduled", True)
     return mod
 
@@ -405,6 +410,22 @@ def test_epilogue_fuses_into_one_scheduled_kernel():
     got = _unblocked(vm["main"](tvm.runtime.tensor(_blocked(x, 8))).numpy())
     ref = sc.reference_conv2d(x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     assert_close(got, np.clip(ref + _unblocked(bias), 0, 6))
+
+
+def test_dense_epilogue_fuses_into_one_scheduled_kernel():
+    import tvm
+    from tvm import relax
+
+    spec, cfg = _host()
+    rng = np.random.default_rng(7)
+    weight = _masked(rng, (21, 30), 0.3)  # ragged: 21 rows in blocks of 8
+    packed = sc.pack_gathered(weight, 8)
+    bias = rng.standard_normal(21).astype("float32")
+    x = rng.standard_normal((3, 30)).astype("float32")
+    mod = _fuse_and_schedule(_relax_sparse_module(packed, (3, 30), bias), cfg)
+    vm = relax.VirtualMachine(tvm.compile(mod, spec.tvm_target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close(got, np.clip(x.astype(np.float64) @ weight.T + bias, 0, 6))
 
 
 def test_builds_for_arm():

@@ -65,6 +65,7 @@ from tir_schedules.conv2d import PAD_BLOCK, _output_size
 SPARSE_CONV_BLOCK = "npas_sparse_conv2d_nchwc"
 SPARSE_DENSE_BLOCK = "npas_sparse_dense"
 OFFSET_BLOCK = "npas_sparse_tap_offsets"
+DENSE_ROWS_BLOCK = "npas_gathered_rows"  # sparse_dense's [N, blocks, bf] -> [N, M]
 TAP_AXIS = "tap"
 
 
@@ -269,7 +270,9 @@ def sparse_dense(data, values, taps, counts, out_features: int):
     ``taps`` is either ``[blocks, taps]`` int32 (the K index of each tap, see
     :meth:`GatheredWeights.gemm_taps`) or the ``[blocks, taps, 3]`` array of
     :func:`pack_gathered` (only its channel column is read). The last block may be
-    ragged (``M % bf != 0``).
+    ragged (``M % bf != 0``): the kernel accumulates whole blocks (``[N, blocks, bf]``,
+    the ragged rows have zero weights) and a last stage writes the ``M`` real outputs,
+    so the inner loop is never predicated.
     """
     from tvm import te
 
@@ -281,13 +284,14 @@ def sparse_dense(data, values, taps, counts, out_features: int):
     t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
     three = len(taps.shape) == 3
 
-    def body(i, m):
-        b, o = m // out_block, m % out_block
+    def body(i, b, o):
         k = taps[b, t, 0] if three else taps[b, t]
         return te.sum(te.if_then_else(t < counts[b], values[b, t, o] * data[i, k], 0.0),
                       axis=t)
 
-    return te.compute((n, out_features), body, name=SPARSE_DENSE_BLOCK)
+    rows = te.compute((n, blocks, out_block), body, name=SPARSE_DENSE_BLOCK)
+    return te.compute((n, out_features), lambda i, m: rows[i, m // out_block, m % out_block],
+                      name=DENSE_ROWS_BLOCK)
 
 
 # --- schedules --------------------------------------------------------------------------
@@ -375,32 +379,23 @@ def schedule_sparse_conv2d_nchwc(sch, cfg: CpuScheduleConfig) -> None:
 
 def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
     """Parallel over (row tile, filter block) -> taps of the block (bounded by its count)
-    -> rows of the tile (unrolled) -> the ``bf`` outputs of the block (vector)."""
+    -> rows of the tile (unrolled) -> the ``bf`` outputs of the block (vector); the
+    epilogue writes the block's outputs (the last, ragged block's real ones)."""
     dense = find_block(sch, SPARSE_DENSE_BLOCK)
-    i, m, tap = sch.get_loops(dense)
-    rows, out_features, max_taps = loop_extents(sch, dense)
-    block = _dense_block(sch, dense)
+    i, b, o, tap = sch.get_loops(dense)
+    rows, blocks, block, max_taps = loop_extents(sch, dense)
     out = fuse_epilogue(sch, dense)
     sch.set_scope(dense, 0, cfg.sparse_accumulator_scope)
-    m_o, m_i = sch.split(m, [None, block])
     r_tile = pixel_tile(rows, block, cfg)
     i_o, i_i = sch.split(i, [None, r_tile])
-    sch.reorder(i_o, m_o, tap, i_i, m_i)
-    outer = sch.fuse(i_o, m_o)
+    sch.reorder(i_o, b, tap, i_i, o)
+    outer = sch.fuse(i_o, b)
     _finish_tile(sch, out, outer)
-    if 2 * rows * out_features * max_taps >= cfg.parallel_min_flops:
+    if 2 * rows * blocks * block * max_taps >= cfg.parallel_min_flops:
         sch.parallel(outer)
     sch.unroll(i_i)
-    sch.vectorize(m_i)
+    sch.vectorize(o)
     sch.decompose_reduction(dense, tap)
-
-
-def _dense_block(sch, block) -> int:
-    """``bf`` of a sparse dense block: the last dimension of its weight-value buffer."""
-    for region in sch.get(block).reads:
-        if len(region.source.shape) == 3 and str(region.source.dtype) == "float32":
-            return int(region.source.shape[2])
-    raise ValueError("sparse dense block without a [blocks, taps, bf] value buffer")
 
 
 # --- the data-dependent tap bound --------------------------------------------------------
