@@ -444,3 +444,36 @@ def test_builds_for_arm():
     gemm = sc.pack_gathered(_masked(rng, (10, 24), 0.3), 4)
     lib = tvm.compile(_schedule(dense_func(gemm, 1), cfg), spec.tvm_target)
     assert "fmla" in lib.mod.inspect_source("asm")  # NEON vector FMAs
+
+
+def test_padding_never_reaches_the_output():
+    """Garbage in the padded weights changes nothing: the template's schedule bounds the
+    tap loop by the count, and a tap loop it did not place (here split in two) keeps the
+    compute's guard."""
+    import tvm
+
+    from tir_schedules import schedule_primfunc
+
+    spec, cfg = _host()
+    rng = np.random.default_rng(8)
+    weight = _masked(rng, (16, 8, 3, 3), 0.3)
+    weight[8:] = 0
+    weight[8, 0, 1, 1] = 2.0  # block 1 keeps one tap: 50+ padded taps
+    packed = sc.pack_gathered(weight, 8)
+    values = packed.values.copy()
+    for b, count in enumerate(packed.counts):
+        values[b, count:] = 1e3
+    func, out_shape = conv_func(packed, (1, 2, 6, 6, 4), (1, 1), (1, 1, 1, 1), (1, 1))
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock(sc.SPARSE_CONV_BLOCK)
+    sch.split(sch.get_loops(block)[-1], [None, 2])
+    foreign = sc.bound_tap_loops(sch.mod["main"])
+    assert "counts" not in _tap_loop_extents(foreign)
+    x = rng.standard_normal((1, 8, 6, 6)).astype("float32")
+    ref = sc.reference_conv2d(x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    for scheduled in (foreign, schedule_primfunc(func, cfg)):
+        lib = tvm.compile(scheduled, spec.tvm_target)
+        out = tvm.runtime.empty(out_shape, "float32", tvm.cpu())
+        lib(*[tvm.runtime.tensor(a) for a in (_blocked(x, 4), values, packed.taps,
+                                              packed.counts)], out)
+        assert_close(_unblocked(out.numpy()), ref)

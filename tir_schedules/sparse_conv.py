@@ -130,7 +130,7 @@ class GatheredWeights:
                 continue
             channel, y, x = self.taps[b, :count].T
             f0 = b * self.block
-            local = channel - (f0 // group_out) * group_in if f0 < self.out_channels else channel
+            local = channel - (f0 // group_out) * group_in
             dense[f0:f0 + self.block, local, y, x] = self.values[b, :count].T
         dense = dense[: self.out_channels]
         return dense[:, :, 0, 0] if self.gemm else dense
@@ -172,7 +172,7 @@ def pack_gathered(weight: np.ndarray, block: int, groups: int = 1) -> GatheredWe
     values = np.zeros((blocks, max_taps, block), np.float32)
     taps = np.zeros((blocks, max_taps, 3), np.int32)
     for b in range(blocks):
-        base = (b * block // group_out) * group_in if b * block < filters else 0
+        base = (b * block // group_out) * group_in  # the group's first input channel
         flat = np.flatnonzero(kept[b])
         channel, y, x = np.unravel_index(flat, (group_in, kh, kw))
         count = len(flat)
@@ -406,7 +406,8 @@ def _is_tap_guard(expr) -> bool:
     import tvm
 
     if not (isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op)
-            and expr.op.name in ("prim.if_then_else", "tirx.if_then_else") and isinstance(expr.args[0], tvm.prim.LT)):
+            and expr.op.name in ("prim.if_then_else", "tirx.if_then_else")
+            and isinstance(expr.args[0], tvm.prim.LT)):
         return False
     bound = expr.args[0].b
     if isinstance(bound, tvm.prim.Cast):
@@ -435,7 +436,9 @@ def bound_tap_loops(func):
     loop outside the pixel tile and the filter vector, as the templates here place it)
     this turns the guard into the loop's bound, ``for tap in range(counts[b])``, and
     drops it from the body: padded taps then cost neither FMAs nor branches. A function
-    without a sparse block is returned unchanged.
+    without a sparse block, or whose tap loop is split, unrolled, vectorized, parallel or
+    encloses the block loop (a schedule these templates do not make), is returned
+    unchanged: still correct, the guard stays.
     """
     import tvm
     import tvm_ffi
@@ -483,8 +486,9 @@ def bound_tap_loops(func):
         for loop in state["inside"]:
             analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
         extent = analyzer.simplify(bound)
-        if any(_uses(extent, loop.loop_var) for loop in state["inside"]):
-            raise ValueError("tap bound depends on a loop inside the tap loop")
+        if (node.kind != tirx.ForKind.SERIAL
+                or any(_uses(extent, loop.loop_var) for loop in state["inside"])):
+            return node
         state["done"] = True
         body = tvm_ffi.structural_mutate(node.body, [(tvm.ir.Call, drop_guard)])
         return tirx.For(node.loop_var, node.min, tirx.Cast(str(node.loop_var.ty), extent),
