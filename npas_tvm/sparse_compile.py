@@ -105,12 +105,14 @@ def compile_sparse(model: LoadedModel, spec: TargetSpec, npas: str, rate: float 
     from relay_passes.weights import attached_params, pruning_annotations
 
     annotate, source = annotate_pass(model, spec, npas, rate)
-    mod = tvm.transform.Sequential([annotate, ApplyPruning()])(import_onnx(model).mod)
+    dense = import_onnx(model).mod
+    mod = tvm.transform.Sequential([annotate, ApplyPruning()])(dense)  # dense unchanged
     main = mod["main"]
     annotated = pruning_annotations(main)
-    values = attached_params(main)
-    pruned = write_pruned_onnx(model, {name: values[name] for name in annotated},
-                               pruned_path(output))
+    before, values = attached_params(dense["main"]), attached_params(main)
+    changed = {name: value for name, value in values.items()
+               if not np.array_equal(value, before[name])}
+    pruned = write_pruned_onnx(model, changed, pruned_path(output))
     rows: list = []
     executable = build(mod, spec, on_layer=rows.append, tuning_db=tuning_db)
     print(f"--npas: {source}; {len(annotated)} layers pruned; pruned ONNX -> {pruned.path}")

@@ -11,7 +11,8 @@ Pruning passes, run while weights are still named parameters of ``main``::
 :func:`dense_cpu_pipeline` composes the rest with TVM's CPU backend passes into the
 Relax pipeline used for llvm targets::
 
-    ClampCallTIRToOps -> BlockedConvLayout -> LowerToSparseKernels -> BindAttachedParams
+    ClampCallTIRToOps -> RemoveFilters -> BlockedConvLayout -> LowerToSparseKernels
+      -> BindAttachedParams
       -> FoldConstant (pre-packs weights) -> LegalizeBlockedConv2d -> LegalizeOps
       -> FuseOps -> FuseTIR -> ScheduleDenseCPU -> VM lowering
 """
@@ -25,12 +26,13 @@ from relay_passes.apply_pruning import ApplyPruning
 from relay_passes.canonicalize import ClampCallTIRToOps
 from relay_passes.layout import BlockedConvLayout, LegalizeBlockedConv2d
 from relay_passes.lower_sparse import LoweredLayer, LowerToSparseKernels
+from relay_passes.remove_filters import RemoveFilters
 from relay_passes.schedule import ScheduleDenseCPU
 from relay_passes.sparse_kernels import SparseKernel, register_sparse_kernel
 from relay_passes.weights import BindAttachedParams
 
 __all__ = ["AnnotatePruning", "DetectSparsity", "ApplyPruning", "LowerToSparseKernels",
-           "LoweredLayer", "BindAttachedParams", "SparseKernel", "register_sparse_kernel",
+           "LoweredLayer", "RemoveFilters", "BindAttachedParams", "SparseKernel", "register_sparse_kernel",
            "ClampCallTIRToOps", "BlockedConvLayout", "LegalizeBlockedConv2d",
            "ScheduleDenseCPU", "dense_cpu_passes", "dense_cpu_pipeline"]
 
@@ -50,6 +52,7 @@ def dense_cpu_passes(spec, on_layer=None) -> list:
         *cpu_generic.library_dispatch_passes(spec.tvm_target),
         relax.transform.FoldConstant(),  # the frontend's clamp bounds become scalars
         ClampCallTIRToOps(),
+        RemoveFilters(on_layer),
         BlockedConvLayout(config.lanes),
         LowerToSparseKernels(spec, on_layer),
         BindAttachedParams(),

@@ -18,6 +18,9 @@ class ApplyPruning:
     the same ones ``npas-tvm prune`` and a torch training loop use), so compiling a dense
     model with ``--npas`` gives exactly the weights of the pruned ONNX written beside the
     library. A weight that already follows its spec keeps its zeros (they score lowest).
+    ``filter`` pruning also zeroes the removed filters' biases, as ``npas-tvm prune``
+    does, so a removed channel is exactly zero and can be cut out of the graph
+    (:func:`~relay_passes.remove_filters.RemoveFilters`).
 
     Example::
 
@@ -40,6 +43,12 @@ class ApplyPruning:
                 mask = make_mask(weight, spec)
                 pruned[use.name] = use.from_scheme_layout(
                     np.where(mask, weight, 0).astype(weight.dtype))
+                if spec.scheme == "filter":  # a removed filter outputs exactly zero
+                    from relay_passes.remove_filters import filter_biases, kept_filters
+
+                    kept = kept_filters(mask)
+                    for bias in filter_biases(func, use):
+                        pruned[bias] = np.where(kept, values[bias], 0).astype(values[bias].dtype)
             return with_attached_params(func, pruned)
 
         return update_main(mod, prune)

@@ -5,7 +5,7 @@ the pruned layers are lowered to sparse kernels (and the weights bound) first, a
 :class:`ScheduleSparseGPU` gives the fused sparse kernels their OpenCL schedule right
 before dlight schedules everything else::
 
-    LowerToSparseKernels -> BindAttachedParams -> LegalizeOps ... FuseTIR
+    RemoveFilters -> LowerToSparseKernels -> BindAttachedParams -> LegalizeOps ... FuseTIR
       -> ScheduleSparseGPU -> dlight ApplyDefaultSchedule -> VM lowering
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import tvm
 
 from relay_passes.lower_sparse import LowerToSparseKernels
+from relay_passes.remove_filters import RemoveFilters
 from relay_passes.weights import BindAttachedParams
 
 
@@ -66,7 +67,8 @@ def gpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
             legalize.insert(at, ScheduleSparseGPU(max_threads))
             return tvm.transform.Sequential([
                 *backend.library_dispatch_passes(target),
-                LowerToSparseKernels(spec, on_layer), BindAttachedParams(), *legalize,
+                RemoveFilters(on_layer), LowerToSparseKernels(spec, on_layer),
+                BindAttachedParams(), *legalize,
                 *backend.dataflow_lower_passes(target), *backend.finalize_passes(target)])(mod)
 
     return pipeline

@@ -202,3 +202,44 @@ def test_sparse_model_builds_for_arm_cpu(tmp_path):
     rows, executable = _lower_and_check(model, mod, tmp_path, target="arm-cpu")
     assert sum(row.kernel == "gathered" for row in rows) == 4
     assert "llvm" in library_kinds(executable)
+
+
+def test_filter_pruning_removes_channels_and_matches(tmp_path):
+    from npas_tvm.schemes import FilterSpec
+
+    g = make_graph((1, 16, 8, 8))
+    g.conv(32)
+    g.relu6()
+    g.conv(24, kernel=1)
+    g.op("Relu")
+    g.conv(24, kernel=3)
+    g.flatten()
+    g.gemm(10)
+    model = load_onnx(g.save(tmp_path / "m.onnx"))
+    plan = {"conv1.weight": FilterSpec(rate=2), "conv2.weight": FilterSpec(rate=3),
+            "conv3.weight": FilterSpec(rate=2)}
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    rows, executable = _lower_and_check(model, mod, tmp_path)
+    by_name = {row.name: row for row in rows}
+    assert [by_name[n].kernel for n in plan] == ["filters"] * 3
+    # conv2 lost 2/3 of its filters and half of its input channels
+    assert by_name["conv2.weight"].computed_macs * 6 == by_name["conv2.weight"].dense_macs
+
+
+def test_filter_pruning_before_a_residual_add_keeps_the_zero_filters(tmp_path, caplog):
+    from npas_tvm.schemes import FilterSpec
+
+    g = make_graph((1, 16, 8, 8))
+    g.conv(16)
+    skip = g.op("Relu")
+    g.conv(16)
+    g.op("Add", skip)
+    model = load_onnx(g.save(tmp_path / "m.onnx"))
+    mod = tvm.transform.Sequential([
+        AnnotatePruning({"conv2.weight": FilterSpec(rate=2)}), ApplyPruning()])(
+        import_onnx(model).mod)
+    with caplog.at_level(logging.WARNING, logger="npas_tvm"):
+        rows, _ = _lower_and_check(model, mod, tmp_path)
+    assert rows[0].kernel is None and "residual add" in rows[0].reason
+    assert "conv2.weight" in caplog.text

@@ -12,7 +12,7 @@ launch does the whole layer. Tap loops stop at each block's count, as on the CPU
 
 from __future__ import annotations
 
-from tir_schedules.common import find_block, loop_extents
+from tir_schedules.common import find_block
 from tir_schedules.sparse_conv import (SPARSE_CONV_BLOCK, SPARSE_DENSE_BLOCK,
                                        bound_tap_loops)
 
@@ -52,12 +52,25 @@ def _map_threads(sch, main, out, spatial: list, lanes, tap, max_threads: int) ->
     thread = sch.fuse(inner_i, vec_o)
     sch.bind(thread, "threadIdx.x")
     sch.unroll(vec_i)
-    if out is None:  # no epilogue: accumulate in registers, then store
-        out = sch.cache_write(main, 0, "local")
-    else:  # the epilogue reads the accumulators straight from registers
+    try:  # the epilogue reads the accumulators straight from registers
+        if out is None:
+            raise ValueError("no epilogue")
+        sch.reverse_compute_at(out, thread)
         sch.set_scope(main, 0, "local")
-    sch.reverse_compute_at(out, thread)
+    except Exception:  # accumulate in registers, store; the epilogue is its own loop
+        sch.reverse_compute_at(sch.cache_write(main, 0, "local"), thread)
+        if out is not None:
+            _bind_elementwise(sch, out, max_threads)
     sch.decompose_reduction(main, tap)
+
+
+def _bind_elementwise(sch, block, max_threads: int) -> None:
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = int(sch.get(fused).extent)
+    outer, inner = sch.split(fused, [None, min(extent, max_threads)])
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(inner, "threadIdx.x")
 
 
 def schedule_sparse_conv2d_gpu(sch, max_threads: int = 256) -> None:
@@ -70,13 +83,12 @@ def schedule_sparse_conv2d_gpu(sch, max_threads: int = 256) -> None:
 
 
 def schedule_sparse_dense_gpu(sch, max_threads: int = 256) -> None:
-    """Work-groups over (row, feature chunk); work-items over float4s of features."""
+    """Work-groups over (row, filter blocks); work-items over (block, float4 of its
+    filters); the ragged last block's outputs are written by the epilogue."""
     dense = find_block(sch, SPARSE_DENSE_BLOCK)
     out = _inline_around(sch, dense)
-    rows, features, tap = sch.get_loops(dense)
-    vector = _vector(loop_extents(sch, dense)[1])
-    chunk, lane = sch.split(features, [None, vector])
-    _map_threads(sch, dense, out, [rows, chunk], lane, tap, max_threads)
+    *spatial, lanes, tap = sch.get_loops(dense)
+    _map_threads(sch, dense, out, spatial, lanes, tap, max_threads)
 
 
 def schedule_sparse_gpu(func, max_threads: int = 256):

@@ -1,0 +1,282 @@
+"""Filter pruning as a graph rewrite: removed filters leave smaller dense layers.
+
+A filter-pruned conv needs no sparse kernel: its removed output channels, and the
+consumers' matching input channels, are cut out of the weights, so the layers stay
+dense and get smaller. That is exact only where a removed channel is exactly zero all
+the way to its consumers: :class:`~relay_passes.apply_pruning.ApplyPruning` zeroes the
+removed filters' biases, and the path may pass only ops that keep a zero channel zero
+(bias add, ReLU, a clamp whose bounds hold 0, pooling, global mean, the flatten after
+it). Where the channel meets anything else (a residual add, a concat, a depthwise conv
+whose bias would make it nonzero) the layer keeps its zero filters, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from relay_passes.canonicalize import _clamp_kind
+from relay_passes.weights import (WeightUse, attached_params, bindings, pruning_annotations,
+                                  weight_uses, with_annotations)
+
+_log = logging.getLogger("npas_tvm")
+
+_CHANNEL_OPS = {"relax.nn.relu", "relax.nn.max_pool2d", "relax.nn.avg_pool2d",
+                "relax.nn.adaptive_avg_pool2d"}
+
+
+def kept_filters(weight: np.ndarray) -> np.ndarray:
+    """Filters (output channels) with any nonzero weight."""
+    return (weight.reshape(weight.shape[0], -1) != 0).any(axis=1)
+
+
+@dataclass
+class _Removal:
+    """One filter-pruned layer and what its removal touches."""
+
+    use: WeightUse
+    kept: np.ndarray
+    biases: list[str] = field(default_factory=list)       # params sliced on axis 0
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (param, axis)
+    reshapes: list[relax.Var] = field(default_factory=list)  # whose target shape shrinks
+    problem: str = ""
+
+
+def _users(bound: dict) -> dict:
+    users: dict = {}
+    for var, value in bound.items():
+        if isinstance(value, relax.Call):
+            args = value.args[1].fields if _is(value, "relax.call_tir") else value.args
+            for arg in args:
+                if isinstance(arg, relax.Var):
+                    users.setdefault(arg, []).append(var)
+    return users
+
+
+def _is(value, name: str) -> bool:
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
+        and value.op.name == name
+
+
+class _Tracer:
+    """Follows a removed channel from a layer's output to its consumers."""
+
+    def __init__(self, mod, func, values: dict):
+        self.mod, self.values = mod, values
+        self.bound = bindings(func)
+        self.users = _users(self.bound)
+        self.params = {var: var.name for var in func.params}
+        self.weights = {use.var: use for use in weight_uses(func)}
+
+    def scalar(self, expr) -> float | None:
+        """The value of a scalar operand, through the frontend's NaN guard."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            return float(expr.value.numpy())
+        if expr in self.params and self.params[expr] in self.values:
+            return float(self.values[self.params[expr]])
+        value = self.bound.get(expr)
+        if _is(value, "relax.where") and _is(self.bound.get(value.args[0]), "relax.isnan"):
+            return self.scalar(value.args[2])
+        return None
+
+    def param_of(self, expr) -> str | None:
+        """The parameter behind ``expr`` (directly, or through a reshape)."""
+        if expr in self.params:
+            return self.params[expr]
+        value = self.bound.get(expr)
+        if _is(value, "relax.reshape") and value.args[0] in self.params:
+            return self.params[value.args[0]]
+        return None
+
+    def trace(self, removal: _Removal) -> None:
+        stack, seen = [removal.use.var], set()
+        while stack and not removal.problem:
+            var = stack.pop()
+            for user in self.users.get(var, []):
+                if user in seen:
+                    continue
+                seen.add(user)
+                removal.problem = self._step(removal, var, user, stack)
+                if removal.problem:
+                    return
+
+    def _step(self, removal: _Removal, var, user, stack) -> str:
+        value = self.bound[user]
+        consumer = self.weights.get(user)
+        if consumer is not None and value.args[0].same_as(var):
+            if consumer.op == "conv2d" and consumer.groups != 1:
+                return f"its output feeds the grouped conv {consumer.name!r}"
+            axis = 1 if consumer.op == "conv2d" or not consumer.transposed else 0
+            removal.consumers.append((consumer.name, axis))
+            return ""
+        if _is(value, "relax.add"):
+            other = value.args[1] if value.args[0].same_as(var) else value.args[0]
+            name = self.param_of(other)
+            if name is None or self.values[name].size != len(removal.kept):
+                return "its output meets a residual add or another tensor"
+            removal.biases.append(name)
+            if other not in self.params:
+                removal.reshapes.append(other)
+            stack.append(user)
+            return ""
+        if _is(value, "relax.maximum") or _is(value, "relax.minimum") or \
+                _is(value, "relax.call_tir"):
+            kind = (value.op.name.split(".")[-1] if not _is(value, "relax.call_tir")
+                    else _clamp_kind(self.mod[value.args[0]]))
+            operands = value.args if kind and not _is(value, "relax.call_tir") \
+                else value.args[1].fields
+            bound = self.scalar(operands[1]) if kind else None
+            if bound is None or (kind == "maximum" and bound > 0) or (
+                    kind == "minimum" and bound < 0):
+                return "its output passes an op that makes a zero channel nonzero"
+            stack.append(user)
+            return ""
+        if _is(value, "relax.mean") and [int(a) for a in value.attrs.axis] == [2, 3]:
+            stack.append(user)
+            return ""
+        if _is(value, "relax.reshape"):
+            shape = [int(v) for v in value.args[0].ty.shape.values]
+            if len(shape) == 4 and shape[2:] == [1, 1]:
+                removal.reshapes.append(user)
+                stack.append(user)
+                return ""
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
+                and value.op.name in _CHANNEL_OPS:
+            stack.append(user)
+            return ""
+        what = value.op.name if isinstance(value, relax.Call) and isinstance(
+            value.op, tvm.ir.Op) else "an op"
+        return f"its output meets {what}, which does not keep a removed channel zero"
+
+
+@relax.expr_functor.mutator
+class _Shrinker(relax.PyExprMutator):
+    """Re-emits the function over the sliced parameters; the reshapes on the removed
+    channels' path get their new channel count (bindings get their new shapes)."""
+
+    def __init__(self, mod, reshapes: list):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.reshapes = reshapes    # [(reshape call, old channels, new channels)]
+
+    def visit_call_(self, call):
+        for original, old, new in self.reshapes:
+            if call.same_as(original):
+                dims = [int(v) for v in call.args[1].values]
+                dims[dims.index(old)] = new
+                return relax.op.reshape(self.visit_expr(call.args[0]), dims)
+        if _is(call, "relax.call_tir"):  # a clamp kernel is shape-specialized: use the op
+            kind = _clamp_kind(self.mod_[call.args[0]])
+            if kind is not None:
+                data, bound = (self.visit_expr(arg) for arg in call.args[1].fields)
+                return getattr(relax.op, kind)(data, bound)
+        return self.visit_expr_post_order(call)
+
+
+def filter_biases(func, use: WeightUse) -> list[str]:
+    """The bias parameters added right after a layer's output (one value per filter)."""
+    tracer = _Tracer(None, func, attached_params(func))
+    found = []
+    for user in tracer.users.get(use.var, []):
+        value = tracer.bound[user]
+        if _is(value, "relax.add"):
+            other = value.args[1] if value.args[0].same_as(use.var) else value.args[0]
+            name = tracer.param_of(other)
+            if name is not None and tracer.values[name].size == use.weight_shape[0]:
+                found.append(name)
+    return found
+
+
+def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=invalid-name
+    """Cut the removed filters of ``filter``-annotated layers, and the matching input
+    channels of their consumers, out of the weights (annotation dropped: the layers are
+    dense). ``on_layer`` receives a :class:`~relay_passes.lower_sparse.LoweredLayer`
+    per filter-annotated layer.
+
+    Example::
+
+        # conv1.weight: filter 2x -> 16 of 32 filters kept
+        y = R.nn.conv2d(x, conv1_weight)        # conv1_weight: (32, 16, 3, 3)
+        z = R.nn.conv2d(R.nn.relu(y + b), conv2_weight)     # conv2_weight: (24, 32, 1, 1)
+        # becomes (conv1_weight: (16, 16, 3, 3), b: (16,), conv2_weight: (24, 16, 1, 1))
+    """
+    from relay_passes.lower_sparse import LoweredLayer, geometry_of
+
+    report = on_layer or (lambda row: None)
+
+    @tvm.transform.module_pass(opt_level=0, name="RemoveFilters")
+    def remove(mod, ctx):
+        if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        func = mod["main"]
+        specs = pruning_annotations(func)
+        if not any(spec.scheme == "filter" for spec in specs.values()):
+            return mod
+        values = attached_params(func)
+        tracer = _Tracer(mod, func, values)
+        shrunk: dict = {}
+        reshapes: list = []
+        removed: list = []
+        for use in weight_uses(func):
+            spec = specs.get(use.name)
+            if spec is None or spec.scheme != "filter":
+                continue
+            macs = geometry_of(use).dense_macs()
+            weight = use.to_scheme_layout(values[use.name])
+            removal = _Removal(use, kept_filters(weight))
+            if use.op == "conv2d" and use.groups != 1:
+                removal.problem = "a grouped conv's groups would change"
+            elif removal.kept.all():
+                removal.problem = "no filter is all zeros"
+            else:
+                tracer.trace(removal)
+            del specs[use.name]
+            if removal.problem:
+                _log.warning("layer %r (filter %gx): %s; it keeps its zero filters (dense)",
+                             use.name, spec.rate, removal.problem)
+                report(LoweredLayer(use.name, use.kind, spec, None, removal.problem, macs,
+                                    macs, macs))
+                continue
+            kept = removal.kept
+            out_axis = 1 if use.transposed else 0
+            shrunk[use.name] = np.compress(kept, shrunk.get(use.name, values[use.name]),
+                                           axis=out_axis)
+            for name in removal.biases:
+                shrunk[name] = np.compress(kept, values[name], axis=min(values[name].ndim - 1, 1))
+            for name, axis in removal.consumers:
+                shrunk[name] = np.compress(kept, shrunk.get(name, values[name]), axis=axis)
+            for var in removal.reshapes:
+                reshapes.append((tracer.bound[var], len(kept), int(kept.sum())))
+            removed.append((use, spec, macs))
+        for use, spec, macs in removed:  # MACs once every removal shrank the weights
+            kept_macs = macs * shrunk[use.name].size // values[use.name].size
+            report(LoweredLayer(use.name, use.kind, spec, "filters", "", macs, kept_macs,
+                                kept_macs))
+        func = with_annotations(func, specs)
+        if shrunk:
+            func = _replace_params(mod, func, shrunk, reshapes)
+        mod = mod.clone()
+        mod["main"] = func
+        return mod
+
+    return remove
+
+
+def _replace_params(mod, func, shrunk: dict, reshapes: list):
+    """``func`` with the named parameters given new (smaller) values and shapes."""
+    num_input = int(func.attrs["num_input"])
+    params, values = list(func.params), list(func.attrs["params"])
+    shrinker = _Shrinker(mod, reshapes)
+    for index, var in enumerate(params):
+        if var.name in shrunk and index >= num_input:
+            value = np.ascontiguousarray(shrunk[var.name], dtype=values[index - num_input].dtype)
+            new = relax.Var(var.name, relax.TensorType(value.shape, str(value.dtype)))
+            shrinker.set_var_remap(var, new)
+            params[index] = new
+            values[index - num_input] = tvm.runtime.tensor(value)
+    body = shrinker.visit_expr(func.body)
+    return relax.Function(params, body, attrs=func.attrs).with_attr("params", values)
