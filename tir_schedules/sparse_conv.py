@@ -486,13 +486,15 @@ def bound_tap_loops(func):
         for loop in state["inside"]:
             analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
         extent = analyzer.simplify(bound)
-        if (node.kind != tirx.ForKind.SERIAL
+        if (node.kind != tirx.ForKind.SERIAL or not _only_block(node.body, realize.block)
                 or any(_uses(extent, loop.loop_var) for loop in state["inside"])):
             return node
         state["done"] = True
         body = tvm_ffi.structural_mutate(node.body, [(tvm.ir.Call, drop_guard)])
-        return tirx.For(node.loop_var, node.min, tirx.Cast(str(node.loop_var.ty), extent),
-                        node.kind, body, node.thread_binding, node.annotations)
+        dtype = str(node.loop_var.ty)
+        extent = tvm.prim.Min(tirx.Cast(dtype, extent), node.extent)  # never past the padding
+        return tirx.For(node.loop_var, node.min, extent, node.kind, body,
+                        node.thread_binding, node.annotations)
 
     def drop_guard(node, mutator):
         node = mutator.default_mutate(node)
@@ -500,6 +502,22 @@ def bound_tap_loops(func):
 
     body = tvm_ffi.structural_mutate(func.body, [(tirx.For, mutate_for)])
     return func.with_body(body) if state.get("done") else func
+
+
+def _only_block(stmt, block) -> bool:
+    """Whether ``block`` is the only block under ``stmt`` (so bounding the loop skips
+    nothing else)."""
+    import tvm
+    import tvm_ffi
+
+    others = []
+
+    def visit(node, visitor):
+        others.append(not node.block.same_as(block))
+        visitor.default_visit(node)
+
+    tvm_ffi.structural_visit(stmt, [(tvm.s_tir.SBlockRealize, visit)])
+    return not any(others)
 
 
 def _uses(expr, var) -> bool:
