@@ -49,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _LowerCaseLevel(logging.Formatter):
+    def format(self, record):
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
 def configure_logging() -> None:
     """npas-tvm's warnings (a pruned layer left dense...) as ``npas-tvm: warning: ...``."""
     log = logging.getLogger("npas_tvm")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("npas-tvm: %(levelname)s: %(message)s"))
+        handler.setFormatter(_LowerCaseLevel("npas-tvm: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False

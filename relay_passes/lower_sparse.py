@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -219,17 +220,20 @@ class LowerToSparseKernels:
         layers = sparse_layers(func, self.spec.family)
         if not layers:
             return mod
+        values = attached_params(func)
         for layer in layers.values():
             if layer.kernel is None:
                 _log.warning("layer %r (%s %gx): %s; it stays dense", layer.use.name,
                              layer.spec.scheme, layer.spec.rate, layer.reason)
                 macs = layer.geometry.dense_macs()
+                weight = values[layer.use.name]
+                kept = macs * int(np.count_nonzero(weight)) // weight.size
                 self.on_layer(LoweredLayer(layer.use.name, layer.use.kind, layer.spec, None,
-                                           layer.reason, macs, macs, macs))
+                                           layer.reason, macs, kept, macs))
         if all(layer.kernel is None for layer in layers.values()):
             return mod
         lanes = max(int(getattr(self.spec, "simd_lanes", 4) or 4), 4)
-        lowerer = _SparseLowerer(mod, layers, attached_params(func), lanes, self.on_layer)
+        lowerer = _SparseLowerer(mod, layers, values, lanes, self.on_layer)
         main = mod.get_global_var("main")
         lowerer.builder_.update_func(main, lowerer.visit_expr(func))
         # the builder's module holds the kernels' PrimFuncs added by call_te

@@ -238,8 +238,9 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
             if removal.problem:
                 _log.warning("layer %r (filter %gx): %s; it keeps its zero filters (dense)",
                              use.name, spec.rate, removal.problem)
+                kept_macs = macs * int(removal.kept.sum()) // len(removal.kept)
                 report(LoweredLayer(use.name, use.kind, spec, None, removal.problem, macs,
-                                    macs, macs))
+                                    kept_macs, macs))
                 continue
             kept = removal.kept
             out_axis = 1 if use.transposed else 0
