@@ -28,7 +28,10 @@ setup(
         "tornado>=6.0",  # TVM's RPC tracker
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pyopencl>=2024.1"],
+        # MNN: a peer engine of the benchmark suite (its converter runs isolated, see
+        # benchmarks/engines.py: the pip wrapper's telemetry never runs).
+        "test": ["pytest>=8", "hypothesis>=6.100", "pyopencl>=2024.1", "MNN==3.6.1"],
+        "bench": ["MNN==3.6.1"],
     },
     entry_points={"console_scripts": ["npas-tvm=npas_tvm.cli:main"]},
 )

@@ -160,3 +160,18 @@ def rule_plan(layers: Iterable, rate: float = 3.0, target: RuleTarget | None = N
     choices = rule_choices(layers, rate, target)
     return Plan(layers={choice.layer: choice.spec for choice in choices},
                 meta={"source": "rule", "rate": float(rate)})
+
+
+def uniform_plan(layers: Iterable, rate: float, target: RuleTarget | None = None) -> Plan:
+    """Every layer at the same ``rate``, with the scheme the rules give its type.
+
+    The benchmarks' fixed-rate plans: unlike :func:`rule_plan`, the first and last
+    layers are not spared; depthwise, grouped and tiny layers still stay dense (no
+    block reuse, or too small for a block)."""
+    import dataclasses
+
+    choices = [rule_for(dataclasses.replace(layer, first=False, last=False), float(rate),
+                        target) for layer in layers]
+    return Plan(layers={choice.layer: choice.spec for choice in choices},
+                meta={"source": "uniform", "rate": float(rate)})
+

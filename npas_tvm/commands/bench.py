@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 
@@ -9,7 +10,7 @@ def register(subparsers, common) -> None:
     parser = subparsers.add_parser("bench", parents=[common],
                                    help="run, check and time a library locally or on an RPC "
                                         "device")
-    parser.add_argument("library", help="the .so written by `npas-tvm compile`")
+    parser.add_argument("library", nargs="?", help="the .so written by `npas-tvm compile`")
     parser.add_argument("--model", help="the ONNX model it was compiled from (input shapes; "
                                         "the output is checked against onnxruntime)")
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
@@ -21,6 +22,9 @@ def register(subparsers, common) -> None:
                         help="where the library runs on the device (opencl: Mali/Adreno)")
     parser.add_argument("--number", type=int, default=10, help="runs per timed repeat")
     parser.add_argument("--repeat", type=int, default=5, help="timed repeats (median taken)")
+    parser.add_argument("--suite", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="run the end-to-end benchmark suite instead (benchmarks/run.py; "
+                             "the rest of the line are its options, e.g. --quick)")
     parser.set_defaults(func=run)
 
 
@@ -30,6 +34,10 @@ def run(args) -> int:
     from npas_tvm.runtime import (TVMRunner, compare, default_threads,
                                   run_onnxruntime)
 
+    if args.suite is not None:
+        return run_suite(args.suite)
+    if not args.library:
+        raise NpasError("bench: give the library to run (or --suite for the benchmark suite)")
     if not os.path.isfile(args.library):
         raise NpasError(f"{args.library}: no such file")
     if bool(args.rpc_tracker) != bool(args.rpc_key):
@@ -71,3 +79,21 @@ def run(args) -> int:
           f"(min {timing.min_ms:.3f}, max {timing.max_ms:.3f}; {args.repeat} repeats x "
           f"{args.number} runs)")
     return status
+
+
+def run_suite(suite_args: list[str]) -> int:
+    """``benchmarks/run.py`` of the source tree (it is not installed with the package)."""
+    import importlib.util
+
+    from npas_tvm.errors import NpasError
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benchmarks", "run.py")
+    if not os.path.isfile(path):
+        raise NpasError("bench --suite: benchmarks/run.py ships with the source tree; run it "
+                        "from a checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("npas_benchmark_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(suite_args)
+

@@ -1,0 +1,75 @@
+"""The benchmark suite: its quick mode runs end to end, and MNN's converter never reaches
+the network, pip or its telemetry module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.engines import GUARD, mnn_available, mnn_convert
+from npas_tvm.cli import main
+
+needs_mnn = pytest.mark.skipif(not mnn_available(), reason="MNN is not installed")
+
+
+@pytest.mark.parametrize("attempt, blocked", [
+    ("from MNN.tools.utils.log import mnn_logger", "import MNN.tools.utils.log"),
+    ("import socket; socket.create_connection(('192.0.2.1', 443), timeout=1)",
+     "socket.create_connection"),
+    ("import socket; socket.socket().connect(('192.0.2.1', 443))", "socket.connect"),
+    ("import os; os.system('pip install -U aliyun-log-python-sdk')", "os.system"),
+    ("import subprocess; subprocess.run(['pip', 'install', 'x'])", "subprocess.Popen"),
+])
+def test_the_converter_guard_blocks_telemetry_pip_and_network(attempt, blocked):
+    done = subprocess.run([sys.executable, "-c", GUARD + attempt], capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert done.returncode != 0 and f"blocked: {blocked}" in done.stderr
+
+
+@needs_mnn
+def test_mnn_conversion_runs_guarded_and_clean(zoo_onnx, tmp_path):
+    """A real conversion under the guard: it succeeds, so nothing was attempted."""
+    out = mnn_convert(zoo_onnx("vgg_cifar"), str(tmp_path / "v.mnn"), sparse=True)
+    assert (tmp_path / "v.mnn").stat().st_size > 1000
+    assert "MNN.tools.utils.log" not in sys.modules and out.endswith(".mnn")
+
+
+@needs_mnn
+def test_quick_suite_runs_every_engine_and_checks_them(tmp_path, capsys):
+    results = tmp_path / "r.json"
+    code = main(["bench", "--suite", "--quick", "--rounds", "2", "--work-dir",
+                 str(tmp_path / "w"), "--json", str(results), "--markdown",
+                 str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads(results.read_text())
+    rows = data["models"]["vgg_cifar"]
+    engines = {row["engine"] for row in rows}
+    assert {"onnxruntime", "tvm dense", "mnn", "pytorch eager", "npas-tvm rule",
+            "mnn sparse rule", "npas-tvm uniform5"} <= engines
+    assert all(row["max_rel_err"] <= 1e-4 and row["median_ms"] > 0 for row in rows)
+    assert (tmp_path / "plots" / "models.png").stat().st_size > 1000
+    assert "| npas-tvm rule | rule |" in (tmp_path / "r.md").read_text()
+    assert "MNN.tools.utils.log" not in sys.modules
+
+
+def test_report_renders_the_readme_section_from_json(tmp_path):
+    from benchmarks.report import BEGIN, END, main as report
+
+    results = {"machine": {"cpu": "test cpu", "cpus": 2, "system": "Linux x86_64"},
+               "threads": 2, "rounds": 3, "date": "2026-01-01",
+               "models": {"vgg_cifar": [
+                   {"engine": "onnxruntime", "plan": "dense", "median_ms": 2.0,
+                    "min_ms": 1.9, "max_ms": 2.2, "rounds": 3, "vs_onnxruntime": 1.0},
+                   {"engine": "npas-tvm rule", "plan": "rule", "median_ms": 1.0,
+                    "min_ms": 0.9, "max_ms": 1.1, "rounds": 3, "vs_onnxruntime": 2.0}]}}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    assert report([str(tmp_path / "r.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| npas-tvm rule | rule | 1.00 | 0.90-1.10 | 2.00x |" in text
+    assert text.endswith("after\n") and "test cpu" in text and "need a phone" in text
