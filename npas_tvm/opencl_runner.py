@@ -92,6 +92,9 @@ class OpenCLModel:
             global_size, local_size = _ndrange(dims[name])
             self.kernels[name] = KernelLaunch(name, tuple(buffers), global_size, local_size)
         self._context = None
+        self.traffic: dict[str, int] = {}
+        """Bytes of the buffers each kernel touched in the last run (every buffer read or
+        written once: the compulsory traffic, the proxy for memory cost on a GPU)."""
 
     # ------------------------------------------------------------------ OpenCL side
 
@@ -131,6 +134,8 @@ class OpenCLModel:
                                           f"parameters of {func_name}")
             kernel_cache[launch.name](queue, launch.global_size, launch.local_size,
                                       *[device[by_buffer[b]] for b in launch.buffers])
+            self.traffic[launch.name] = sum(int(np.asarray(args[by_buffer[b]]).nbytes)
+                                            for b in set(launch.buffers))
         for arg, buffer in zip(args, device):
             cl.enqueue_copy(queue, arg, buffer)
         queue.finish()

@@ -108,3 +108,16 @@ def test_compile_npas_for_mali_lowers_to_sparse_kernels(zoo_onnx, tmp_path, caps
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "gathered" in out and "Traceback" not in err
+
+
+def test_proxy_table_row_reports_work_traffic_and_intensity(tmp_path):
+    from benchmarks.opencl_proxy import measure
+
+    row = measure(("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "block_punched", 4.0,
+                  "adreno", str(tmp_path))
+    assert row["ok"] and row["work_items"] >= 32 * 8 * 8 // 4
+    assert 0 < row["work_group"] <= 256
+    # the kept weights' work: 32x32x9 weights / 4, 64 pixels, 2 flops per MAC (+- padding)
+    assert abs(row["mflop"] - 2 * 32 * 32 * 9 / 4 * 64 / 1e6) < 0.02
+    assert row["kb_moved"] > 8 and row["flop_per_byte"] == pytest.approx(
+        row["mflop"] * 1e6 / (row["kb_moved"] * 1e3))
