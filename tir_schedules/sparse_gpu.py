@@ -91,6 +91,44 @@ def schedule_sparse_dense_gpu(sch, max_threads: int = 256) -> None:
     _map_threads(sch, dense, out, spatial, lanes, tap, max_threads)
 
 
+def _bind_flat(sch, loops, max_threads: int):
+    fused = sch.fuse(*loops)
+    extent = int(sch.get(fused).extent)
+    threads = max(1, min(max_threads, 64, extent))
+    outer, inner = sch.split(fused, [None, threads])
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(inner, "threadIdx.x")
+    return inner
+
+
+def schedule_pixel_sparse_gpu(sch, max_threads: int = 256) -> None:
+    """The pixel-vectorized kernels (pattern, row-sparse): one work-item per output
+    element of the blocked output (with the fused epilogue), which computes its
+    reduction serially (pattern and entry loops unrolled) in a register; the padding
+    and offset stages are inlined, so one launch does the layer. The tap loops run to
+    the padded maximum (see :func:`schedule_sparse_gpu`)."""
+    from tir_schedules.sparse_csr import PIXEL_PAD_BLOCK, ROWS_CONV_BLOCK, ROWS_OFFSET_BLOCK
+    from tir_schedules.sparse_pattern import PATTERN_CONV_BLOCK
+
+    for prefix in (PIXEL_PAD_BLOCK, ROWS_OFFSET_BLOCK):
+        block = find_block(sch, prefix)
+        if block is not None:
+            sch.compute_inline(block)
+    main = find_block(sch, PATTERN_CONV_BLOCK) or find_block(sch, ROWS_CONV_BLOCK)
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(main).name_hint) + 1:]
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    thread = _bind_flat(sch, sch.get_loops(after[-1]), max_threads)
+    sch.set_scope(main, 0, "local")
+    sch.compute_at(main, thread)
+    if sch.get(main).name_hint.startswith(PATTERN_CONV_BLOCK):
+        pattern, _, entry = sch.get_loops(main)[-3:]
+        sch.unroll(pattern)
+        sch.unroll(entry)
+
+
 def schedule_sparse_gpu(func, max_threads: int = 256):
     """``func`` scheduled for an OpenCL device if it is a sparse kernel, else None."""
     import tvm
@@ -102,9 +140,16 @@ def schedule_sparse_gpu(func, max_threads: int = 256):
     except Exception:  # no root block: not ours
         return None
     templates = {"sparse_conv2d": schedule_sparse_conv2d_gpu,
-                 "sparse_dense": schedule_sparse_dense_gpu}
+                 "sparse_dense": schedule_sparse_dense_gpu,
+                 "sparse_pattern": schedule_pixel_sparse_gpu,
+                 "sparse_rows": schedule_pixel_sparse_gpu}
     if family not in templates:
         return None
     sch = tvm.s_tir.Schedule(func)
     templates[family](sch, max_threads)
+    if templates[family] is schedule_pixel_sparse_gpu:
+        # the reduction's init stays in the block (decompose_reduction refuses a block
+        # computed at a work-item), so its loops keep their full extent: the guard
+        # makes the padded kernels add zeros
+        return sch.mod["main"]
     return bound_tap_loops(sch.mod["main"])

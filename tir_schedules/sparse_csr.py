@@ -1,0 +1,312 @@
+"""Row-sparse convolutions vectorized along output pixels: unstructured (CSR) and UBP.
+
+Unstructured pruning (Han et al., NeurIPS'15) is the baseline the structured schemes of
+NPAS (Li et al., CVPR'21) must beat; unaligned block pruning (Lee & Shin, "Unaligned
+Block Pruning", 2024) keeps GR x 1 blocks at any row offset. Neither gives a block of
+filters a shared set of taps, so the filter-vectorized gathered kernel
+(:mod:`.sparse_conv`) would compute the union of the filters' taps. This kernel
+vectorizes along output pixels instead, as XNNPACK's sparse 1x1 kernels do (Elsen et
+al., "Fast Sparse ConvNets", CVPR'20): per kept weight one broadcast and one vector of
+input pixels per vector of outputs, with no wasted lane whatever the mask.
+
+Format: the gathered one (:func:`.sparse_conv.pack_gathered`) with tiles of ``R``
+output rows: per tile its kept taps (union over the tile's rows) and ``[taps, R]``
+weights, tap loops bounded by each tile's count (:func:`.sparse_conv.bound_tap_loops`).
+``R = 1`` is CSR (one row's nonzeros, nothing padded); for UBP a larger ``R`` loads
+each input vector once for ``R`` rows at the price of the zeros of blocks straddling
+two tiles; :func:`choose_rows` picks ``R`` per layer from that trade-off.
+
+Pixels. The input is copied once per call, zero-padded, into a channel-major flat
+buffer (``[N, C * Hp * Wp + slack]``). With stride 1 an output pixel ``q = oh * Wp +
+ow`` on the padded grid reads ``base + q``: consecutive outputs read consecutive
+inputs, so a tile of ``T`` pixels is ``T / lanes`` plain vector loads per tap (the
+``Wp - OW`` columns past each row are computed and dropped; ``slack`` keeps the last
+tile's reads in bounds). Other strides index ``(q // OW, q % OW)`` (gathers). The
+accumulated ``[N, rows, Q]`` is written to the ``NCHW{c}c`` output by a last stage
+(where the fused epilogue runs), so neighbours keep their blocked layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from tir_schedules.common import find_block, loop_extents
+from tir_schedules.config import CpuScheduleConfig
+from tir_schedules.sparse_conv import SPARSE_CONV_BLOCK, TAP_AXIS
+
+ROWS_CONV_BLOCK = SPARSE_CONV_BLOCK + "_rows"  # the prefix lets bound_tap_loops find it
+PIXEL_PAD_BLOCK = "npas_pixel_pad"
+ROWS_OFFSET_BLOCK = "npas_rows_offsets"
+PIXEL_OUT_BLOCK = "npas_pixel_out"
+TILE_ATTR = "npas_pixel_tile"
+PIXEL_QUANTUM = 16  # output pixels are padded to multiples of the tile, itself of this
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """Where output pixel ``q`` of the flat ``[Q]`` output grid reads its input."""
+
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    tile: int
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        top, left, bottom, right = self.padding
+        return self.height + top + bottom, self.width + left + right
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (hp, wp), (kh, kw) = self.padded, self.kernel
+        (sh, sw), (dh, dw) = self.strides, self.dilation
+        return (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+
+    @property
+    def unit_stride(self) -> bool:
+        return tuple(self.strides) == (1, 1)
+
+    @property
+    def row_pitch(self) -> int:
+        """Output pixels per output row on the flat grid (``Wp`` with stride 1)."""
+        return self.padded[1] if self.unit_stride else self.out_size[1]
+
+    @property
+    def pixels(self) -> int:
+        return -(-self.out_size[0] * self.row_pitch // self.tile) * self.tile
+
+    @property
+    def plane(self) -> int:
+        return self.padded[0] * self.padded[1]
+
+    def tap_offset(self, channel, y, x):
+        """Element offset of tap (channel, kh, kw) in one padded image (ints or exprs)."""
+        return channel * self.plane + y * (self.dilation[0] * self.padded[1]) \
+            + x * self.dilation[1]
+
+    def pixel_offset(self, q):
+        if self.unit_stride:
+            return q
+        ow = self.out_size[1]
+        return q // ow * (self.strides[0] * self.padded[1]) + q % ow * self.strides[1]
+
+    @property
+    def extent(self) -> int:
+        """Flat input elements per image, with the slack the last tile may read."""
+        kh, kw = self.kernel
+        last = self.pixels - 1
+        if self.unit_stride:
+            reach = last
+        else:
+            ow = self.out_size[1]
+            reach = last // ow * self.strides[0] * self.padded[1] + (ow - 1) * self.strides[1]
+        top = self.tap_offset(self.channels - 1, kh - 1, kw - 1) + reach + 1
+        return max(-(-top // self.plane), self.channels) * self.plane  # whole planes
+
+
+def choose_pixel_tile(out_h: int, row_pitch: int, rows: int, lanes: int,
+                      registers: int, max_local_bytes: int = 1024) -> int:
+    """Output pixels per register tile, a multiple of :data:`PIXEL_QUANTUM`: the
+    ``rows x tile / lanes`` accumulators plus a broadcast and an input vector fit the
+    registers; among those, the least padded work, a per-tile overhead counted."""
+    pixels = out_h * row_pitch
+    best, best_cost = PIXEL_QUANTUM, math.inf
+    for tile in range(PIXEL_QUANTUM, 8 * PIXEL_QUANTUM + 1, PIXEL_QUANTUM):
+        if tile > PIXEL_QUANTUM and (rows * (tile // lanes) + 2 > registers
+                                     or rows * tile * 4 > max_local_bytes):
+            break
+        cost = -(-pixels // tile) * tile * (1 + PIXEL_QUANTUM / tile)
+        if cost < best_cost - 1e-9:
+            best, best_cost = tile, cost
+    return best
+
+
+def pixel_grid(data_shape: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int], tile: int) -> PixelGrid:
+    """The grid of an ``NCHW{ib}c`` input ``[N, C/ib, H, W, ib]``."""
+    _, chunks, height, width, block = (int(v) for v in data_shape)
+    return PixelGrid(chunks * block, height, width, tuple(int(k) for k in kernel_size),
+                     tuple(int(s) for s in strides), tuple(int(p) for p in padding),
+                     tuple(int(d) for d in dilation), int(tile))
+
+
+def flat_input(data, grid: PixelGrid):
+    """``[N, extent]``: the zero-padded input, channel-major, one plane per channel
+    (whole planes, so the schedule splits the flat axis into channel, row, column)."""
+    from tvm import te
+
+    n, _, height, width, block = (int(v) for v in data.shape)
+    hp, wp = grid.padded
+    top, left = grid.padding[0], grid.padding[1]
+
+    def body(b, e):
+        channel, y, x = e // grid.plane, e // wp % hp - top, e % wp - left
+        inside = te.all(channel < grid.channels, y >= 0, y < height, x >= 0, x < width)
+        return te.if_then_else(inside, data[b, te.min(channel, grid.channels - 1) // block,
+                                            y, x, channel % block], 0.0)
+
+    return te.compute((n, grid.extent), body, name=PIXEL_PAD_BLOCK, attrs={"npas_row": wp})
+
+
+def blocked_output(acc_at, n: int, grid: PixelGrid, out_channels: int, out_block: int):
+    """``NCHW{out_block}c`` output from ``acc_at(b, channel, q)`` (the kernel's flat
+    accumulators); fused epilogues run in this stage."""
+    from tvm import te
+
+    if out_channels % out_block:
+        raise ValueError(f"{out_channels} output channels are not a multiple of the "
+                         f"output block {out_block}")
+    out_h, out_w = grid.out_size
+    pitch = grid.row_pitch
+    return te.compute((n, out_channels // out_block, out_h, out_w, out_block),
+                      lambda b, co, oh, ow, ci: acc_at(b, co * out_block + ci, oh * pitch + ow),
+                      name=PIXEL_OUT_BLOCK)
+
+
+def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], out_channels: int, kernel_size: Sequence[int],
+                pixel_tile: int, out_block: int):
+    """Row-sparse convolution, ``NCHW{ib}c`` in, ``NCHW{out_block}c`` out.
+
+    ``values [tiles, taps, R]``, ``taps [tiles, taps, 3]`` and ``counts [tiles]`` are
+    :class:`~.sparse_conv.GatheredWeights` arrays packed with ``block = R`` (any ``R``;
+    the last tile may be ragged). ``pixel_tile`` (a multiple of 16) pads the flat
+    output grid; the schedule's register tile is this many pixels.
+    """
+    from tvm import te
+
+    if pixel_tile % PIXEL_QUANTUM:
+        raise ValueError(f"pixel_tile {pixel_tile}: a multiple of {PIXEL_QUANTUM}")
+    n = int(data.shape[0])
+    tiles, max_taps, rows = (int(v) for v in values.shape)
+    if not (tiles - 1) * rows < out_channels <= tiles * rows:
+        raise ValueError(f"{out_channels} output channels do not fit {tiles} tiles of {rows}")
+    grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, pixel_tile)
+    flat = flat_input(data, grid)
+    offsets = te.compute((tiles, max_taps), lambda r, t: grid.tap_offset(
+        taps[r, t, 0], taps[r, t, 1], taps[r, t, 2]), name=ROWS_OFFSET_BLOCK)
+    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
+    acc = te.compute(
+        (n, tiles, rows, grid.pixels),
+        lambda b, r, i, q: te.sum(te.if_then_else(
+            t < counts[r], values[r, t, i] * flat[b, offsets[r, t] + grid.pixel_offset(q)],
+            0.0), axis=t),
+        name=ROWS_CONV_BLOCK, attrs={TILE_ATTR: pixel_tile})
+    return blocked_output(lambda b, m, q: acc[b, m // rows, m % rows, q], n, grid,
+                          out_channels, out_block)
+
+
+def straddle_entries(weight: np.ndarray, rows: int) -> int:
+    """Taps the packed format stores (before padding) with tiles of ``rows`` rows."""
+    matrix = weight.reshape(weight.shape[0], -1) != 0
+    tiles = -(-matrix.shape[0] // rows)
+    padded = np.zeros((tiles * rows, matrix.shape[1]), bool)
+    padded[:matrix.shape[0]] = matrix
+    return int(padded.reshape(tiles, rows, -1).any(axis=1).sum())
+
+
+def choose_rows(weight: np.ndarray, candidates: Sequence[int] = (1, 2, 4, 8),
+                groups: int = 1) -> int:
+    """Rows per tile minimizing the estimated time of a pixel vector: per stored tap
+    ``R`` FMAs, one input vector and ``R`` weight broadcasts over a few vectors."""
+    filters = weight.shape[0]
+    per_group = filters // max(groups, 1)
+    best, best_cost = 1, math.inf
+    for rows in candidates:
+        if groups > 1 and per_group % rows:
+            continue
+        cost = straddle_entries(weight, rows) * (rows + 1 + rows / 4)
+        if cost < best_cost - 1e-9:
+            best, best_cost = rows, cost
+    return best
+
+
+# --- schedules --------------------------------------------------------------------------
+
+
+def pixel_tile_of(sch, block) -> int:
+    return int(sch.get(block).annotations[TILE_ATTR])
+
+
+def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
+    """The padding copy first (vectorized, parallel when big); every stage after the
+    kernel inlined into the last, which writes the blocked output, parallel over its
+    outer loops with the channel block innermost."""
+    pad = find_block(sch, PIXEL_PAD_BLOCK)
+    n, e = sch.get_loops(pad)
+    extent = loop_extents(sch, pad)[1]
+    width = int(sch.get(pad).annotations["npas_row"])
+    e_o, x = sch.split(e, [None, width])
+    sch.vectorize(x)
+    outer = sch.fuse(n, e_o)
+    if extent >= 4096 and work >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(main).name_hint) + 1:]
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    last = after[-1]
+    loops = sch.get_loops(last)
+    outer = sch.fuse(*loops[:3]) if len(loops) >= 5 else loops[0]
+    if len(loops) >= 5:
+        sch.vectorize(loops[-1])
+    if work >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+
+
+def unroll_tile(sch, block, lanes: int) -> None:
+    """A register tile's copy (loops under its parallel loop) unrolled and vectorized
+    ``lanes`` wide: one vector per accumulator register (a tile-wide vector makes LLVM
+    blend every FMA's result into one long value)."""
+    loops = sch.get_loops(block)[1:]
+    outer, inner = sch.split(loops[-1], [None, lanes])
+    for loop in [*loops[:-1], outer]:
+        sch.unroll(loop)
+    sch.vectorize(inner)
+
+
+def tile_pixels(sch, main, cfg: CpuScheduleConfig, work: int, spatial, reductions: list,
+                inner: list, unrolled: list) -> None:
+    """The pixel-vectorized kernels' common nest: parallel over (image, pixel tile,
+    rows) (``sparse_parallel="blocks"``: rows before pixel tiles) -> ``reductions`` ->
+    ``inner`` -> pixel vectors (unrolled) -> lanes (vector); accumulators in a small
+    buffer at the tile (``sparse_accumulator_scope``); ``unrolled`` loops unrolled."""
+    b, rows, q = spatial
+    tile = pixel_tile_of(sch, main)
+    vectors = max(1, tile // cfg.lanes)
+    q_o, q_v, q_l = sch.split(q, [None, vectors, tile // vectors])
+    order = [b, rows, q_o] if cfg.sparse_parallel == "blocks" else [b, q_o, rows]
+    sch.reorder(*order, *reductions, *inner, q_v, q_l)
+    outer = sch.fuse(*order)
+    acc = sch.cache_write(main, 0, cfg.sparse_accumulator_scope)
+    sch.reverse_compute_at(acc, outer)
+    unroll_tile(sch, acc, cfg.lanes)
+    if work >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+    for loop in [*unrolled, q_v]:
+        sch.unroll(loop)
+    sch.vectorize(q_l)
+    sch.decompose_reduction(main, reductions[0])
+
+
+def schedule_rows_conv2d(sch, cfg: CpuScheduleConfig) -> None:
+    """Parallel over (image, pixel tile, row tile) -> taps of the tile (bounded by its
+    count) -> the tile's rows (unrolled) -> pixel vectors (unrolled) -> lanes (vector);
+    accumulators in a small stack buffer at the row tile."""
+    main = find_block(sch, ROWS_CONV_BLOCK)
+    offsets = find_block(sch, ROWS_OFFSET_BLOCK)
+    b, r, i, q, tap = sch.get_loops(main)
+    _, tiles, rows, pixels, max_taps = loop_extents(sch, main)
+    work = 2 * tiles * rows * pixels * max_taps
+    schedule_pixel_stages(sch, main, cfg, work)
+    sch.fuse(*sch.get_loops(offsets))
+    tile_pixels(sch, main, cfg, work, (b, r, q), [tap], [i], [i])
