@@ -177,3 +177,127 @@ class GatheredKernel(SparseKernel):
 GATHERED = GatheredKernel()
 register_sparse_kernel("block_punched", GATHERED, ALL_FAMILIES)
 register_sparse_kernel("block_based", GATHERED, ALL_FAMILIES)
+
+
+def _target_lanes() -> int:
+    """fp32 lanes of the target being compiled (the pass runs inside ``with target``)."""
+    from tvm.target import Target
+
+    target = Target.current(allow_none=True)
+    if target is None:
+        return 8
+    if {"gpu", "arm_cpu", "opencl"} & set(target.keys):
+        return 4
+    from npas_tvm.targets import detect_host_cpu
+
+    return detect_host_cpu().fp32_lanes
+
+
+class PixelKernel(SparseKernel):
+    """Sparse convs vectorized along output pixels (``tir_schedules.sparse_csr``).
+
+    They write ``NCHW{c}c`` with ``c`` the block the layout pass gives the layer's
+    output channels (the SIMD width where it divides them), so their neighbours need
+    no transform; ``output_block`` reports the block of the last layer emitted, which
+    the lowering asks right after ``conv2d``.
+    """
+
+    def __init__(self):
+        self._block = 1
+
+    def output_block(self, spec: SchemeSpec) -> int:
+        return self._block
+
+    def _choose(self, geometry: LayerGeometry, rows: int) -> tuple[int, int]:
+        """(pixel tile, output block) for the layer on the current target."""
+        from relay_passes.layout import channel_block
+        from tir_schedules.sparse_csr import PixelGrid, choose_pixel_tile
+
+        lanes = _target_lanes()
+        _, channels, height, width = geometry.data_shape
+        grid = PixelGrid(channels, height, width, tuple(geometry.weight_shape[2:]),
+                         geometry.strides, geometry.padding, geometry.dilation, 16)
+        tile = choose_pixel_tile(grid.out_size[0], grid.row_pitch, rows, lanes,
+                                 16 if lanes == 8 else 32)
+        self._block = channel_block(geometry.out_channels, lanes) or 1
+        return tile, self._block
+
+
+class PatternKernel(PixelKernel):
+    """Pattern-pruned 3x3 convs: FKW storage, one code path per pattern
+    (``tir_schedules.sparse_pattern``)."""
+
+    name = "pattern"
+    relative_speed = 0.7
+
+    def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
+        if geometry.op != "conv2d" or tuple(geometry.weight_shape[2:]) != (3, 3):
+            return "the pattern kernel runs 3x3 convolutions only"
+        return None
+
+    def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
+        from tir_schedules.sparse_pattern import PATTERN_SIZE, pack_pattern
+
+        packed = pack_pattern(weight, groups=geometry.groups)
+        pixels = geometry.output_pixels()
+        return Packed(packed, int(np.count_nonzero(weight)) * pixels,
+                      packed.kept_kernels() * PATTERN_SIZE * pixels)
+
+    def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        from tvm import relax
+
+        from tir_schedules.sparse_pattern import pattern_conv2d
+
+        arrays = packed.arrays
+        tile, block = self._choose(geometry, 1)
+        return bb.call_te(pattern_conv2d, data, relax.const(arrays.weights),
+                          relax.const(arrays.channels), relax.const(arrays.counts),
+                          relax.const(arrays.position), list(arrays.patterns),
+                          list(geometry.strides), list(geometry.padding),
+                          list(geometry.dilation), tile, block,
+                          primfunc_name_hint="sparse_pattern_conv2d")
+
+
+class RowsKernel(PixelKernel):
+    """Row-sparse convs and GEMMs (``tir_schedules.sparse_csr``): CSR for unstructured
+    masks (one row per tile), tiles of a few rows for unaligned blocks."""
+
+    def __init__(self, name: str, candidates: Sequence[int]):
+        super().__init__()
+        self.name = name
+        self.candidates = tuple(candidates)
+        self.relative_speed = 0.4 if self.candidates == (1,) else 0.6
+
+    def _rows(self, weight: np.ndarray, geometry: LayerGeometry) -> int:
+        from tir_schedules.sparse_csr import choose_rows, straddle_entries
+
+        if geometry.op == "matmul":  # bound by weight bytes: an index + R weights per tap
+            return min(self.candidates, key=lambda r: (straddle_entries(weight, r) * (1 + r), r))
+        return choose_rows(weight, self.candidates, geometry.groups)
+
+    def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
+        from tir_schedules.sparse_conv import pack_gathered
+
+        packed = pack_gathered(weight, self._rows(weight, geometry), groups=geometry.groups)
+        pixels = geometry.output_pixels()
+        return Packed(packed, int(np.count_nonzero(weight)) * pixels,
+                      packed.kept_macs_per_pixel() * pixels)
+
+    def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        from tir_schedules.sparse_csr import rows_conv2d
+
+        tile, block = self._choose(geometry, packed.arrays.block)
+        return bb.call_te(rows_conv2d, data, *GatheredKernel._constants(packed),
+                          list(geometry.strides), list(geometry.padding),
+                          list(geometry.dilation), geometry.out_channels,
+                          list(geometry.weight_shape[2:]), tile, block,
+                          primfunc_name_hint="sparse_rows_conv2d")
+
+    def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
+        return GATHERED.matmul(bb, data, packed, geometry)
+
+
+register_sparse_kernel("pattern", PatternKernel(), ALL_FAMILIES)
+register_sparse_kernel("unstructured", RowsKernel("csr", (1,)), ALL_FAMILIES)
+register_sparse_kernel("unaligned_block", RowsKernel("unaligned_rows", (1, 2, 4, 8)),
+                       ALL_FAMILIES)
