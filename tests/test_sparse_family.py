@@ -1,0 +1,268 @@
+"""The pattern, row-sparse (CSR) and unaligned-block kernels.
+
+Formats round-trip for any mask of their scheme; built kernels (scheduled as the
+pipeline does) match numpy over shapes, strides, dilation, groups, rates and pattern
+counts; whole models through the npas pipeline match onnxruntime on the pruned ONNX;
+the OpenCL schedules run on PoCL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx_graphs import make_graph, small_cnn
+from test_npas_passes import _lower_and_check
+from test_sparse_kernels import _blocked, _host, _tap_loop_extents, _unblocked
+
+from npas_tvm.schemes import (PatternSpec, UnalignedBlockSpec, UnstructuredSpec, make_mask,
+                              satisfies)
+from tir_schedules import sparse_conv as sc
+from tir_schedules import sparse_csr as cs
+from tir_schedules import sparse_pattern as sp
+
+BUILD = settings(max_examples=6, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PACK = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _build(out, inputs, arrays, family: str):
+    import tvm
+    from tvm import te
+
+    from tir_schedules import kernel_family, schedule_primfunc
+
+    spec, cfg = _host()
+    func = te.create_prim_func([*inputs, out], index_dtype_override="int64")
+    assert kernel_family(func) == family
+    scheduled = schedule_primfunc(func, cfg)
+    assert scheduled is not None and _tap_loop_extents(scheduled) == ["counts"]
+    lib = tvm.compile(scheduled, spec.tvm_target)
+    result = tvm.runtime.empty([int(v) for v in out.shape], "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], result)
+    return _unblocked(result.numpy())
+
+
+def _pattern_weight(rng, filters, group_in, rate, patterns):
+    weight = rng.standard_normal((filters, group_in, 3, 3)).astype("float32")
+    return weight * make_mask(weight, PatternSpec(rate=rate, patterns=patterns))
+
+
+def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4):
+    from tvm import te
+
+    packed = sp.pack_pattern(weight, groups)
+    xb = _blocked(x, ib)
+    pad = [dilation[0], dilation[1]] * 2
+    ph = [te.placeholder(xb.shape, name="data"), te.placeholder(packed.weights.shape, name="w"),
+          te.placeholder(packed.channels.shape, "int32", name="ch"),
+          te.placeholder(packed.counts.shape, "int32", name="n"),
+          te.placeholder(packed.position.shape, "int32", name="pos")]
+    out = sp.pattern_conv2d(*ph, packed.patterns, strides, pad, dilation, 32, ob)
+    got = _build(out, ph, [xb, packed.weights, packed.channels, packed.counts,
+                           packed.position], "sparse_pattern")
+    return got, sc.reference_conv2d(x, weight, strides, pad, dilation, groups)
+
+
+def run_rows(x, weight, rows, strides, dilation, groups, ib=4, ob=4):
+    from tvm import te
+
+    packed = sc.pack_gathered(weight, rows, groups)
+    xb = _blocked(x, ib)
+    k = weight.shape[2]
+    pad = [dilation[0] * (k // 2), dilation[1] * (k // 2)] * 2
+    ph = [te.placeholder(xb.shape, name="data"), te.placeholder(packed.values.shape, name="v"),
+          te.placeholder(packed.taps.shape, "int32", name="t"),
+          te.placeholder(packed.counts.shape, "int32", name="n")]
+    out = cs.rows_conv2d(*ph, strides, pad, dilation, weight.shape[0], (k, k), 48, ob)
+    got = _build(out, ph, [xb, packed.values, packed.taps, packed.counts], "sparse_rows")
+    return got, sc.reference_conv2d(x, weight, strides, pad, dilation, groups)
+
+
+def _close(got, ref):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------ formats
+
+
+@PACK
+@given(seed=st.integers(0, 10**6), filters=st.sampled_from([4, 8, 12]),
+       channels=st.integers(1, 9), rate=st.sampled_from([2.25, 3, 5, 10, 40]),
+       patterns=st.integers(1, 8), groups=st.sampled_from([1, 2]))
+def test_pattern_format_round_trips_any_pattern_mask(seed, filters, channels, rate, patterns,
+                                                     groups):
+    rng = np.random.default_rng(seed)
+    weight = _pattern_weight(rng, filters, channels, rate, patterns)
+    weight[rng.random(weight.shape) < 0.1] = 0  # kernels with fewer than 4 entries too
+    packed = sp.pack_pattern(weight, groups)
+    np.testing.assert_array_equal(packed.unpack(), weight)
+    assert packed.kept_kernels() == int(weight.reshape(-1, 9).any(axis=1).sum())
+    assert len(packed.patterns) <= max(patterns, 1) + 1
+    counts = packed.counts.reshape(filters, -1).sum(axis=1)
+    assert list(counts) == sorted(counts, reverse=True)  # filter-kernel reorder
+
+
+def test_pattern_pack_rejects_a_non_pattern_kernel():
+    weight = np.ones((2, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="not a pattern mask"):
+        sp.pack_pattern(weight)
+
+
+@PACK
+@given(seed=st.integers(0, 10**6), rows=st.sampled_from([8, 13, 24]),
+       cols=st.sampled_from([4, 9]), size=st.sampled_from([2, 4]), rate=st.sampled_from([2, 5]))
+def test_rows_choice_counts_the_stored_taps(seed, rows, cols, size, rate):
+    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype("float32")
+    weight *= make_mask(weight, UnalignedBlockSpec(rate=rate, block=(size, 1)))
+    assert cs.straddle_entries(weight, 1) == np.count_nonzero(weight)
+    chosen = cs.choose_rows(weight)
+    assert chosen in (1, 2, 4, 8)
+    assert sc.pack_gathered(weight, chosen).unpack().shape == weight.shape
+
+
+# ------------------------------------------------------------------ built kernels
+
+
+@BUILD
+@given(seed=st.integers(0, 10**6), channels=st.sampled_from([4, 8]),
+       filters=st.sampled_from([4, 8]), size=st.integers(5, 11),
+       stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
+       groups=st.sampled_from([1, 2, 4]), rate=st.sampled_from([2.25, 3, 5, 10]),
+       patterns=st.integers(1, 8))
+def test_pattern_kernel_matches_numpy(seed, channels, filters, size, stride, dilation, groups,
+                                      rate, patterns):
+    rng = np.random.default_rng(seed)
+    weight = _pattern_weight(rng, filters, channels // groups, rate, patterns)
+    x = rng.standard_normal((1, channels, size, size)).astype("float32")
+    _close(*run_pattern(x, weight, (stride, stride), (dilation, dilation), groups))
+
+
+def test_pattern_kernel_depthwise_and_fully_pruned_filters():
+    rng = np.random.default_rng(1)
+    weight = _pattern_weight(rng, 8, 1, 3, 4)
+    weight[:3] = 0  # connectivity-pruned filters: zero output, no work
+    x = rng.standard_normal((1, 8, 7, 7)).astype("float32")
+    _close(*run_pattern(x, weight, (1, 1), (1, 1), 8))
+
+
+@BUILD
+@given(seed=st.integers(0, 10**6), kernel=st.sampled_from([1, 3]),
+       size=st.integers(4, 10), stride=st.sampled_from([1, 2]),
+       dilation=st.sampled_from([1, 2]), rows=st.sampled_from([1, 2, 4]),
+       groups=st.sampled_from([1, 2]), rate=st.sampled_from([2, 3, 5, 10]))
+def test_rows_kernel_matches_numpy(seed, kernel, size, stride, dilation, rows, groups, rate):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((12, 8 // groups, kernel, kernel)).astype("float32")
+    weight *= make_mask(weight, UnstructuredSpec(rate=rate))
+    x = rng.standard_normal((1, 8, size, size)).astype("float32")
+    got, ref = run_rows(x, weight, rows if groups == 1 else 2, (stride, stride),
+                        (dilation, dilation), groups, ob=4)
+    _close(got, ref)
+
+
+# ------------------------------------------------------------------ through the pipeline
+
+
+def _compile_plan(path, plan, tmp_path):
+    import tvm
+
+    from npas_tvm.compiler import import_onnx
+    from npas_tvm.model_io import load_onnx
+    from relay_passes import AnnotatePruning, ApplyPruning
+
+    model = load_onnx(path)
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    rows, _ = _lower_and_check(model, mod, tmp_path)
+    return {row.name: row for row in rows}
+
+
+FAMILY_PLAN = {"conv1.weight": PatternSpec(rate=3),
+               "conv2.weight": UnalignedBlockSpec(rate=3, block=(4, 1)),
+               "conv3.weight": PatternSpec(rate=2.25),        # depthwise 3x3
+               "conv4.weight": UnstructuredSpec(rate=5),      # 3x3 stride 2
+               "fc5.weight": UnstructuredSpec(rate=4)}
+
+
+def test_family_plan_matches_onnxruntime(tmp_path):
+    rows = _compile_plan(small_cnn(tmp_path / "m.onnx"), FAMILY_PLAN, tmp_path)
+    assert rows["conv1.weight"].kernel == "pattern"
+    assert rows["conv3.weight"].kernel == "pattern"
+    assert rows["conv2.weight"].kernel == "unaligned_rows"
+    assert rows["conv4.weight"].kernel == rows["fc5.weight"].kernel == "csr"
+    for row in rows.values():
+        assert row.kept_macs <= row.computed_macs < row.dense_macs, row.name
+
+
+def test_unaligned_fc_and_odd_channels(tmp_path):
+    g = make_graph((1, 12, 7, 7))
+    g.conv(20, kernel=1)   # 20 output channels: an output block of 4
+    g.op("Relu")
+    g.conv(12, kernel=3, dilation=2)
+    g.flatten()
+    g.gemm(10)
+    plan = {"conv1.weight": UnalignedBlockSpec(rate=2, block=(4, 1)),
+            "conv2.weight": PatternSpec(rate=5, patterns=4),
+            "fc3.weight": UnalignedBlockSpec(rate=2, block=(2, 1))}
+    rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
+    assert all(row.kernel is not None for row in rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_zoo_models_with_the_family_schemes(zoo_onnx, tmp_path, capsys, name):
+    """A plan giving every 3x3 conv patterns, 1x1 convs unaligned blocks and the FC
+    unstructured, compiled by ``compile --npas PLAN.json`` and checked."""
+    import json
+
+    import onnx
+
+    from npas_tvm.cli import main
+
+    path = zoo_onnx(name)
+    layers = {}
+    for init in onnx.load(path).graph.initializer:
+        dims = tuple(init.dims)
+        if len(dims) == 4 and dims[2:] == (3, 3):
+            layers[init.name] = {"scheme": "pattern", "rate": 3}
+        elif len(dims) == 4 and dims[2:] == (1, 1) and dims[0] >= 8:
+            layers[init.name] = {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]}
+        elif len(dims) == 2:
+            layers[init.name] = {"scheme": "unstructured", "rate": 5}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "npas-plan", "version": 1, "layers": layers}))
+    code = main(["compile", path, "--npas", str(plan), "-o", str(tmp_path / "m.so"),
+                 "--check"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "pattern" in out and ": OK" in out and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ OpenCL on PoCL
+
+
+@pytest.mark.parametrize("plan", [
+    {"conv1.weight": PatternSpec(rate=3)},
+    {"conv1.weight": UnstructuredSpec(rate=4)},
+    {"conv2.weight": UnalignedBlockSpec(rate=2, block=(4, 1))},
+], ids=["pattern", "csr", "unaligned"])
+def test_family_on_pocl(tmp_path, plan):
+    from test_opencl_pocl import _sparse_on_pocl
+
+    g = make_graph((1, 8, 9, 9))
+    g.conv(16, kernel=3)
+    g.op("Relu")
+    g.conv(16, kernel=1)
+    rows, runner, result = _sparse_on_pocl(g.save(tmp_path / "m.onnx"), plan, "mali",
+                                           tmp_path)
+    assert [row.kernel for row in rows] != [None] and all(row.kernel for row in rows)
+    assert result.ok, result.report()
+    assert "__kernel void" in runner.source
+
+
+def test_pattern_plan_is_satisfied_after_pruning():
+    rng = np.random.default_rng(0)
+    weight = _pattern_weight(rng, 8, 8, 3, 8)
+    assert satisfies(weight, PatternSpec(rate=3))
