@@ -1,0 +1,240 @@
+"""Every sparse kernel family vs TVM's dense kernel vs onnxruntime, per layer and rate.
+
+    nice -n 10 python benchmarks/kernels_family.py --threads 1 --json fam.json --plot fam.png
+
+Schemes per layer (the same layers as ``benchmarks/kernels.py``): 3x3 convs run
+``pattern`` (rates 2.25/3/5/10), ``block_punched`` and ``unstructured``; 1x1 convs and
+the FC run ``unaligned_block`` (GR = the SIMD lanes), ``block_based`` with the same
+block rows (GR x 1, aligned: the baseline UBP is held to) and ``unstructured``
+(rates 2/3/5/10). Each kernel is built as the pipeline builds it (same packers and
+emitters as ``relay_passes.sparse_kernels``, scheduled by ``schedule_primfunc``), its
+output checked against numpy; timings are medians of interleaved rounds after warm-up
+(``benchmarks/kernels.py``'s method), dense-equivalent speed-ups over dense TVM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels as base  # noqa: E402  (the dense kernels, ORT models, timing helpers)
+
+PATTERN_RATES = (2.25, 3, 5, 10)
+RATES = (2, 3, 5, 10)
+
+
+@dataclass
+class Row:
+    layer: str
+    scheme: str
+    kernel: str
+    rate: float
+    threads: int
+    ms: float
+    dense_ms: float
+    ort_ms: float
+    max_rel_err: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.ms
+
+
+def schemes_for(kernel_size: int, lanes: int):
+    from npas_tvm.schemes import (BlockBasedSpec, BlockPunchedSpec, PatternSpec,
+                                  UnalignedBlockSpec, UnstructuredSpec)
+
+    if kernel_size == 3:
+        return [("pattern", PATTERN_RATES, lambda r: PatternSpec(rate=r)),
+                ("block_punched", RATES, lambda r: BlockPunchedSpec(rate=r, block=(lanes, 4))),
+                ("unstructured", RATES, lambda r: UnstructuredSpec(rate=r))]
+    return [("unaligned_block", RATES, lambda r: UnalignedBlockSpec(rate=r, block=(lanes, 1))),
+            ("block_based", RATES, lambda r: BlockBasedSpec(rate=r, block=(lanes, 1))),
+            ("unstructured", RATES, lambda r: UnstructuredSpec(rate=r))]
+
+
+class _Builder:
+    """A minimal BlockBuilder stand-in: ``call_te`` builds the PrimFunc and keeps its
+    arguments, so the registry's emitters give exactly the pipeline's kernel."""
+
+    def __init__(self, data_array):
+        self.data_array = data_array
+
+    def call_te(self, fn, data, *args, primfunc_name_hint=None, **kwargs):
+        import numpy as np
+        from tvm import te
+
+        arrays, tensors = [self.data_array], [te.placeholder(self.data_array.shape,
+                                                             name="data")]
+        call_args = []
+        for arg in args:
+            if hasattr(arg, "value") and hasattr(arg.value, "numpy"):
+                value = arg.value.numpy()
+                tensors.append(te.placeholder(value.shape, str(value.dtype),
+                                              name=f"a{len(arrays)}"))
+                arrays.append(np.ascontiguousarray(value))
+                call_args.append(tensors[-1])
+            else:
+                call_args.append(arg)
+        out = fn(tensors[0], *call_args, **kwargs)
+        func = te.create_prim_func([*tensors, out], index_dtype_override="int64")
+        return func, arrays, [int(v) for v in out.shape]
+
+
+def sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg):
+    from npas_tvm.schemes import get_scheme
+    from relay_passes.sparse_kernels import LayerGeometry, sparse_kernel_for
+
+    kernel = sparse_kernel_for(spec_obj.scheme, "x86")
+    if kind == "fc":
+        geometry = LayerGeometry("matmul", "fc", pruned.shape, x.shape)
+        data = x
+    else:
+        k = pruned.shape[2]
+        geometry = LayerGeometry("conv2d", "conv", pruned.shape, x.shape, (1, 1),
+                                 (k // 2,) * 4, (1, 1), 1)
+        data = base.blocked(x, lanes)
+    assert get_scheme(spec_obj.scheme) is not None
+    with target_spec.tvm_target:
+        packed = kernel.pack(pruned, spec_obj, geometry)
+        builder = _Builder(data)
+        if kind == "fc":
+            func, arrays, shape = kernel.matmul(builder, None, packed, geometry)
+        else:
+            func, arrays, shape = kernel.conv2d(builder, None, lanes, packed, geometry)
+    return base.Kernel(base._schedule(func, cfg), target_spec.tvm_target, arrays,
+                       shape), kernel.name
+
+
+def bench(layer, scheme, rate, make_spec, lanes, target_spec, cfg, threads, rounds,
+          round_ms, dense, session_model):
+    import numpy as np
+
+    from npas_tvm.runtime import ort_session, time_interleaved
+    from npas_tvm.schemes import make_mask
+
+    name, kind, cin, cout, size, k = layer
+    rng = np.random.default_rng(0)
+    shape = (cout, cin) if kind == "fc" else (cout, cin, k, k)
+    weight = rng.standard_normal(shape).astype("float32")
+    spec_obj = make_spec(rate)
+    w4 = weight if kind == "fc" else weight
+    pruned = (w4 * make_mask(w4, spec_obj)).astype("float32")
+    x = rng.standard_normal((1, cin) if kind == "fc" else (1, cin, size, size)).astype("float32")
+    sparse, kname = sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg)
+    got = sparse.result()
+    got = got if kind == "fc" else base.unblocked(got)
+    ref = base.reference(kind, x, pruned)
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    dense_kernel = dense(x, weight)
+    base.set_tvm_threads(threads)
+    session = ort_session(session_model(weight), threads)
+    engines = {"sparse": sparse.run, "dense": dense_kernel.run,
+               "ort": lambda: session.run(None, {"x": x})}
+    calls = {n: base.calls_per_round(fn, round_ms) for n, fn in engines.items()}
+    timings = time_interleaved({n: base.repeat(fn, calls[n]) for n, fn in engines.items()},
+                               rounds=rounds, budget_s=20.0)
+    ms = {n: timings[n].median_ms / calls[n] for n in engines}
+    return Row(name, scheme, kname, rate, threads, ms["sparse"], ms["dense"], ms["ort"], err)
+
+
+def check_goals(rows: list[Row]) -> list[str]:
+    lines = []
+    by = {(r.layer, r.scheme, r.rate): r for r in rows}
+    for r in rows:
+        if r.scheme == "pattern" and r.rate == 3:
+            lines.append(f"{r.layer}: pattern 3x {r.speedup:.2f}x over dense TVM (want 2x): "
+                         f"{'met' if r.speedup >= 2 else 'MISSED'}")
+        csr = by.get((r.layer, "unstructured", r.rate))
+        if r.scheme in ("pattern", "block_punched") and csr:
+            lines.append(f"{r.layer} @{r.rate:g}x: {r.scheme} {r.ms:.4f} ms vs CSR "
+                         f"{csr.ms:.4f} ms: {'beats' if r.ms < csr.ms else 'LOSES'}")
+        aligned = by.get((r.layer, "block_based", r.rate))
+        if r.scheme == "unaligned_block" and aligned:
+            ratio = r.ms / aligned.ms
+            lines.append(f"{r.layer} @{r.rate:g}x: unaligned / aligned = {ratio:.2f} "
+                         f"(want <= 1.10): {'met' if ratio <= 1.1 else 'MISSED'}")
+    return lines
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r.layer for r in rows))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for scheme in dict.fromkeys(r.scheme for r in rows if r.layer == layer):
+            pts = sorted((r.rate, r.speedup) for r in rows
+                         if r.layer == layer and r.scheme == scheme)
+            ax.plot(*zip(*pts), marker="o", label=scheme)
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("pruning rate (x)")
+        ax.set_ylabel("speed-up over dense TVM")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--round-ms", type=float, default=3.0)
+    parser.add_argument("--layers", nargs="*", help="substrings of the layer names to run")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="write a PNG of speed-up vs rate here")
+    args = parser.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from npas_tvm.targets import detect_host_cpu, resolve_target
+    from tir_schedules import default_config
+
+    target_spec = resolve_target("host")
+    cfg = default_config(target_spec)
+    lanes = target_spec.simd_lanes
+    print(f"machine: {detect_host_cpu().describe()}, {os.cpu_count()} CPUs, "
+          f"{platform.system()} {platform.machine()}")
+    print(f"settings: {args.threads} thread(s) for TVM and onnxruntime; medians of up to "
+          f"{args.rounds} interleaved rounds of ~{args.round_ms:g} ms, after warm-up; "
+          f"block rows {lanes}\n")
+    print("| layer | scheme | kernel | rate | sparse (ms) | dense TVM (ms) | ORT (ms) | "
+          "speed-up vs dense | vs ORT |\n|---|---|---|---:|---:|---:|---:|---:|---:|",
+          flush=True)
+    rows = []
+    for layer in base.LAYERS:
+        if args.layers and not any(part in layer[0] for part in args.layers):
+            continue
+        name, kind, cin, cout, size, k = layer
+        dense = lambda x, w, kind=kind: base.dense_kernel(kind, x, w, lanes, target_spec, cfg)  # noqa: E731
+        model = lambda w, kind=kind, size=size, k=k: base.ort_model(kind, w, size, k)  # noqa: E731
+        for scheme, rates, make_spec in schemes_for(k, lanes):
+            for rate in rates:
+                row = bench(layer, scheme, rate, make_spec, lanes, target_spec, cfg,
+                            args.threads, args.rounds, args.round_ms, dense, model)
+                rows.append(row)
+                flag = "" if row.max_rel_err < 1e-4 else f" MISMATCH {row.max_rel_err:.2g}"
+                print(f"| {row.layer} | {scheme} | {row.kernel} | {rate:g}x | {row.ms:.4f} | "
+                      f"{row.dense_ms:.4f} | {row.ort_ms:.4f} | {row.speedup:.2f}x | "
+                      f"{row.ort_ms / row.ms:.2f}x |{flag}", flush=True)
+    print("\ngoals:")
+    for line in check_goals(rows):
+        print("  " + line)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"machine": detect_host_cpu().describe(), "threads": args.threads,
+                       "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, fh, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
