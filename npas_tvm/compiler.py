@@ -99,7 +99,7 @@ def bind_params(relax_model: RelaxModel):
 
 
 def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = True,
-          on_layer=None):
+          on_layer=None, tuning_db=None):
     """Build a Relax module for ``spec`` and return the VM executable.
 
     ``mod``'s weights may still be attached parameters (:func:`import_onnx`); they are
@@ -111,6 +111,8 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
     keeps TVM's default Relax pipeline (the unscheduled baseline). OpenCL targets get
     TVM's GPU pipeline with the sparse kernels' OpenCL schedules
     (:func:`relay_passes.gpu.gpu_pipeline`); dlight's default GPU rules schedule the rest.
+    ``tuning_db`` (a :class:`npas_tvm.tuning.TuningDatabase`, CPU targets) replaces the
+    default schedules of the kernels it has tuned records for.
     """
     import tvm
     from tvm import relax
@@ -121,7 +123,8 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
     if dense_schedules and target.kind.name == "llvm":
         from relay_passes import dense_cpu_pipeline
 
-        pipeline = tvm.transform.Sequential([*passes, dense_cpu_pipeline(spec, on_layer)])
+        pipeline = tvm.transform.Sequential([*passes,
+                                             dense_cpu_pipeline(spec, on_layer, tuning_db)])
     elif dense_schedules and target.kind.name == "opencl":
         from relay_passes.gpu import gpu_pipeline
 
@@ -153,9 +156,10 @@ def export(executable, path: str, spec: TargetSpec, cc: str | None = None) -> st
     return path
 
 
-def compile_model(model: LoadedModel, spec: TargetSpec, passes: Sequence = ()):
+def compile_model(model: LoadedModel, spec: TargetSpec, passes: Sequence = (),
+                  tuning_db=None):
     """ONNX model -> VM executable for ``spec``."""
-    return build(import_onnx(model).mod, spec, passes)
+    return build(import_onnx(model).mod, spec, passes, tuning_db=tuning_db)
 
 
 def library_kinds(executable) -> list[str]:

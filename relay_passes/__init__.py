@@ -37,11 +37,13 @@ __all__ = ["AnnotatePruning", "DetectSparsity", "ApplyPruning", "LowerToSparseKe
            "ScheduleDenseCPU", "dense_cpu_passes", "dense_cpu_pipeline"]
 
 
-def dense_cpu_passes(spec, on_layer=None) -> list:
+def dense_cpu_passes(spec, on_layer=None, tuning_db=None) -> list:
     """The graph passes (through scheduling) of the CPU path, in order.
 
     Annotated layers become sparse kernels (``on_layer`` receives a row per layer);
-    the rest get the dense blocked kernels."""
+    the rest get the dense blocked kernels. With ``tuning_db`` (a
+    :class:`npas_tvm.tuning.TuningDatabase`) the kernels it has records for take its
+    best schedules; the others keep the default templates."""
     from tvm import relax
     from tvm.relax.backend import cpu_generic
 
@@ -60,11 +62,18 @@ def dense_cpu_passes(spec, on_layer=None) -> list:
         relax.transform.FoldConstant(),  # pre-pack the weights into the blocked layout
         LegalizeBlockedConv2d(),
         *cpu_generic.legalize_passes(spec.tvm_target),  # LegalizeOps ... FuseOps, FuseTIR
+        *([] if tuning_db is None else [_apply_database(tuning_db)]),
         ScheduleDenseCPU(config),
     ]
 
 
-def dense_cpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
+def _apply_database(tuning_db):
+    from npas_tvm.tuning import apply_database_pass
+
+    return apply_database_pass(tuning_db)
+
+
+def dense_cpu_pipeline(spec, on_layer=None, tuning_db=None) -> tvm.transform.Pass:
     """The whole Relax pipeline for an llvm ``TargetSpec``: our passes, then VM lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
@@ -74,7 +83,8 @@ def dense_cpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
     def pipeline(mod, ctx):
         with target:
             return tvm.transform.Sequential(
-                [*dense_cpu_passes(spec, on_layer), *cpu_generic.dataflow_lower_passes(target),
+                [*dense_cpu_passes(spec, on_layer, tuning_db),
+                 *cpu_generic.dataflow_lower_passes(target),
                  *cpu_generic.finalize_passes(target)])(mod)
 
     return pipeline

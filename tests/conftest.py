@@ -7,6 +7,7 @@ compiled library asks these session-scoped fixtures instead of building its own.
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
@@ -64,3 +65,27 @@ def compiled(zoo_onnx, artifacts_dir):
         return cache[key]
 
     return get
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def arm_device():
+    """(tracker address, device key): a tracker and an emulated aarch64 device (qemu-user)
+    on loopback, started once for the session."""
+    from npas_tvm.device import start_emulated_arm, start_tracker, stop_started
+
+    tracker = start_tracker("127.0.0.1", free_port())
+    key = f"test-arm-{tracker.address.rsplit(':', 1)[1]}"
+    try:
+        device = start_emulated_arm(tracker.address, key, port=free_port())
+    except Exception:
+        stop_started(tracker)
+        raise
+    yield tracker.address, key
+    stop_started(device)
+    stop_started(tracker)

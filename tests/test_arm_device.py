@@ -1,40 +1,17 @@
 """The emulated ARM device over TVM RPC: arm-cpu artifacts run and match onnxruntime.
 
-Starts a tracker and an emulated aarch64 device (qemu-user) on loopback for the session;
+Uses the session's tracker and emulated aarch64 device (qemu-user; tests/conftest.py);
 deselect with ``-m "not device"`` where qemu-user is not installed.
 """
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from conftest import free_port
 
 from npas_tvm.cli import main
 
 pytestmark = pytest.mark.device
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def arm_device():
-    from npas_tvm.device import start_emulated_arm, start_tracker, stop_started
-
-    tracker = start_tracker("127.0.0.1", free_port())
-    key = f"test-arm-{tracker.address.rsplit(':', 1)[1]}"
-    try:
-        device = start_emulated_arm(tracker.address, key, port=free_port())
-    except Exception:
-        stop_started(tracker)
-        raise
-    yield tracker.address, key
-    stop_started(device)
-    stop_started(tracker)
 
 
 def test_arm_cpu_model_runs_remotely_and_matches(arm_device, compiled, capsys):

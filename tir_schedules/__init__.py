@@ -20,7 +20,8 @@ import logging
 
 from tir_schedules.config import CpuScheduleConfig, default_config
 
-__all__ = ["CpuScheduleConfig", "default_config", "schedule_primfunc", "kernel_family"]
+__all__ = ["CpuScheduleConfig", "default_config", "schedule_primfunc", "kernel_family",
+           "apply_template", "finish_schedule"]
 
 _log = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ def kernel_family(func) -> str:
     from tir_schedules.generic import _is_reduction
 
     sch = tvm.s_tir.Schedule(func)
-    for family, (prefix, _) in pixel_sparse_templates().items():
-        if find_block(sch, prefix) is not None:
-            return family
     if find_block(sch, sparse_conv.SPARSE_CONV_BLOCK) is not None:
         return "sparse_conv2d"
     if find_block(sch, sparse_conv.SPARSE_DENSE_BLOCK) is not None:
@@ -55,6 +53,19 @@ def schedule_primfunc(func, cfg: CpuScheduleConfig):
 
     None leaves the kernel as TVM legalized it: correct, just not fast.
     """
+    scheduled = apply_template(func, cfg)
+    if scheduled is None:
+        return None
+    sch, family = scheduled
+    return finish_schedule(sch.mod["main"], family)
+
+
+def apply_template(func, cfg: CpuScheduleConfig):
+    """(the Schedule after ``func``'s family template, the family), or None.
+
+    The Schedule's trace is what a tuning database stores: replayed on the same
+    PrimFunc and passed through :func:`finish_schedule`, it gives the same kernel.
+    """
     import tvm
 
     from tir_schedules import conv2d, generic, sparse_conv
@@ -64,9 +75,7 @@ def schedule_primfunc(func, cfg: CpuScheduleConfig):
                  "sparse_dense": sparse_conv.schedule_sparse_dense,
                  "depthwise": conv2d.schedule_depthwise_conv2d_nchwc,
                  "reduction": generic.schedule_reduction,
-                 "injective": generic.schedule_injective,
-                 **{family: template for family, (_, template)
-                    in pixel_sparse_templates().items()}}
+                 "injective": generic.schedule_injective}
     try:
         family = kernel_family(func)
     except Exception:  # no root block (hand-written TIR): not ours to schedule
@@ -77,17 +86,13 @@ def schedule_primfunc(func, cfg: CpuScheduleConfig):
     except Exception as err:  # a shape the template does not cover
         _log.debug("no %s schedule: %s", family, str(err).splitlines()[0] if str(err) else err)
         return None
+    return sch, family
+
+
+def finish_schedule(scheduled, family: str):
+    """The TIR rewrites a template needs after its schedule primitives (not traced)."""
+    from tir_schedules import sparse_conv
+
     if family.startswith("sparse"):  # padded taps: bound each block's loop by its count
-        return sparse_conv.bound_tap_loops(sch.mod["main"])
-    return sch.mod["main"]
-
-
-def pixel_sparse_templates() -> dict:
-    """Family -> (block-name prefix, CPU template) of the pixel-vectorized sparse kernels
-    (pattern, row-sparse); checked before the gathered kernels, whose prefix theirs
-    extend."""
-    from tir_schedules import sparse_csr, sparse_pattern
-
-    return {"sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
-                               sparse_pattern.schedule_pattern_conv2d),
-            "sparse_rows": (sparse_csr.ROWS_CONV_BLOCK, sparse_csr.schedule_rows_conv2d)}
+        return sparse_conv.bound_tap_loops(scheduled)
+    return scheduled

@@ -29,6 +29,9 @@ def register(subparsers, common) -> None:
                              "the library")
     parser.add_argument("--rate", type=float, default=None,
                         help="with --npas rule: the target rate (default 3)")
+    parser.add_argument("--tuning-db", metavar="DIR",
+                        help="apply the best schedules of `npas-tvm tune`'s database in DIR "
+                             "(kernels it has no record for keep the default schedules)")
     parser.set_defaults(func=run)
 
 
@@ -46,13 +49,24 @@ def run(args) -> int:
     if args.rate is not None and args.npas not in ("rule", "auto"):
         raise NpasError(f"--rate applies to --npas rule; {args.npas or 'a dense compile'} "
                         "sets its own rates")
+    tuning_db = None
+    if args.tuning_db:
+        from npas_tvm.tuning import TuningDatabase
+
+        if spec.tvm_target.kind.name != "llvm":
+            raise NpasError(f"--tuning-db applies to CPU targets (host, arm-cpu), not "
+                            f"{spec.name}")
+        tuning_db = TuningDatabase(args.tuning_db, spec)
     start = time.perf_counter()
     if args.npas is None:
-        executable = compile_model(model, spec)
+        executable = compile_model(model, spec, tuning_db=tuning_db)
     else:
         from npas_tvm.sparse_compile import compile_sparse
 
-        executable, model = compile_sparse(model, spec, args.npas, args.rate, args.output)
+        executable, model = compile_sparse(model, spec, args.npas, args.rate, args.output,
+                                           tuning_db=tuning_db)
+    if tuning_db is not None:
+        print(tuning_db.summary())
     export(executable, args.output, spec, args.cc)
     print(f"compiled {args.model} for {spec.name} in {time.perf_counter() - start:.1f} s "
           f"-> {args.output}")
