@@ -225,10 +225,9 @@ def sparse_conv2d_nchwc(data, values, taps, counts, strides: Sequence[int],
     ``data`` is ``[N, C/ib, H, W, ib]``; ``values``, ``taps``, ``counts`` are tensors of
     the shapes of :class:`GatheredWeights`' arrays (``bf`` = ``values.shape[2]``).
     ``padding`` is ``[top, left, bottom, right]``. ``kernel_size`` (``(kh, kw)`` of the
-    layer, ``GatheredWeights.kernel_size``) gives the output size; the taps are data,
-    so it cannot be read from them: it is required unless the kernel is 1x1 and that
-    is what is meant (pass it always). Output ``[N, F/bf, OH, OW, bf]``; requires
-    ``F % bf == 0``.
+    layer, ``GatheredWeights.kernel_size``) is required: it gives the output size, and
+    the taps are data, so it cannot be read from them. Output ``[N, F/bf, OH, OW, bf]``;
+    requires ``F % bf == 0``. Any input block ``ib`` works (independent of ``bf``).
     """
     from tvm import te
 
@@ -486,7 +485,9 @@ def bound_tap_loops(func):
         for loop in state["inside"]:
             analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
         extent = analyzer.simplify(bound)
-        if (node.kind != tirx.ForKind.SERIAL or not _only_block(node.body, realize.block)
+        starts_at_zero = isinstance(node.min, tvm.prim.IntImm) and int(node.min) == 0
+        if (node.kind != tirx.ForKind.SERIAL or not starts_at_zero
+                or not _only_block(node.body, realize.block)
                 or any(_uses(extent, loop.loop_var) for loop in state["inside"])):
             return node
         state["done"] = True
