@@ -25,9 +25,10 @@ its type and shape alone. The rules and why:
   divide the output channels; 4 columns per block.
 * **For a known target the rules follow its kernels** (:class:`RuleTarget`): block rows
   (the filters a sparse kernel vectorizes over) prefer the target's fp32 SIMD width, and
-  a scheme without a sparse kernel for the target is not chosen where one with a kernel
-  fits (a 3x3 conv takes block-punched instead of patterns): a pruned layer that has
-  to run dense gains nothing.
+  a 3x3 conv takes patterns only if the target's pattern kernel runs at 0.8 of
+  block-punched's speed or better (``SparseKernel.relative_speed``, measured by the
+  kernel benchmarks); otherwise block-punched: a pruned layer that runs slowly gives
+  back what the pruning won.
 * **The first and last layers are pruned lighter** (half the extra rate, snapped down to
   the search's rates): the first sees the raw image with few channels and the last
   produces the logits; both are the most accuracy-sensitive per weight.
@@ -53,6 +54,9 @@ GEMM_BLOCK_ROWS = (16, 8, 4)
 WIDE_LAYER = 256  # output channels from which 16-row blocks are preferred
 BLOCK_COLS = (4, 2, 1)
 PUNCHED_FILTERS = (8, 4, 2, 1)
+PATTERN_SPEED_SHARE = 0.8
+"""With a target, 3x3 convs take patterns only where the pattern kernel runs at this
+share of block-punched's speed or more."""
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,27 @@ class RuleTarget:
 
     lanes: int = 4
     has_kernel: Callable[[str], bool] = lambda scheme: True
+    speed: Callable[[str], float] = lambda scheme: 1.0
+    """A scheme's kernel FLOP rate relative to the dense kernel (``relative_speed``)."""
 
     @classmethod
     def for_spec(cls, spec) -> "RuleTarget":
         """From an ``npas_tvm.targets.TargetSpec``, with the registered kernels."""
         from relay_passes.sparse_kernels import sparse_kernel_for
 
+        def kernel(scheme):
+            return sparse_kernel_for(scheme, spec.family)
+
         return cls(lanes=max(int(spec.simd_lanes or 4), 4),
-                   has_kernel=lambda scheme: sparse_kernel_for(scheme, spec.family) is not None)
+                   has_kernel=lambda scheme: kernel(scheme) is not None,
+                   speed=lambda scheme: kernel(scheme).relative_speed if kernel(scheme)
+                   else 0.0)
+
+    def pattern_pays(self) -> bool:
+        """Whether the target's pattern kernel runs near block-punched's speed: patterns
+        keep accuracy better, but a layer that runs slower gives back the latency."""
+        return self.has_kernel("pattern") and \
+            self.speed("pattern") >= PATTERN_SPEED_SHARE * self.speed("block_punched")
 
 
 @dataclass(frozen=True)
@@ -132,7 +149,7 @@ def rule_for(layer, rate: float, target: RuleTarget | None = None) -> RuleChoice
         lanes = target.lanes if target else None
         return RuleChoice(name, BlockBasedSpec(rate=rate, block=gemm_block(*shape[:2], lanes)),
                           reason + "GEMM: block-based columns")
-    pattern_runs = target is None or target.has_kernel("pattern")
+    pattern_runs = target is None or target.pattern_pays()
     if kind == CONV and shape[2:] == (3, 3) and PATTERN_MIN_RATE <= rate <= PATTERN_MAX_RATE \
             and pattern_runs:
         return RuleChoice(name, PatternSpec(rate=rate), reason + "3x3: pattern + connectivity")
@@ -141,7 +158,8 @@ def rule_for(layer, rate: float, target: RuleTarget | None = None) -> RuleChoice
     if shape[2:] != (3, 3):
         why = "KxK: no 3x3 patterns"
     elif not pattern_runs:
-        why = "3x3, no pattern kernel for the target"
+        why = ("3x3, the target's pattern kernel is slower" if target.has_kernel("pattern")
+               else "3x3, no pattern kernel for the target")
     else:
         why = "3x3 outside pattern's 2.25-5x"
     return RuleChoice(name, BlockPunchedSpec(rate=rate, block=block),

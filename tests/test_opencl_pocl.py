@@ -121,3 +121,36 @@ def test_proxy_table_row_reports_work_traffic_and_intensity(tmp_path):
     assert abs(row["mflop"] - 2 * 32 * 32 * 9 / 4 * 64 / 1e6) < 0.02
     assert row["kb_moved"] > 8 and row["flop_per_byte"] == pytest.approx(
         row["mflop"] * 1e6 / (row["kb_moved"] * 1e3))
+
+
+def _zoo_sparse_on_pocl(zoo_onnx, name, target, tmp_path):
+    from npas_tvm.layers import extract_layers
+    from npas_tvm.model_io import load_onnx
+    from search.rule_mapper import RuleTarget, rule_plan
+
+    path = zoo_onnx(name)
+    plan = rule_plan(extract_layers(load_onnx(path).proto), 3.0,
+                     RuleTarget.for_spec(resolve_target(target)))
+    return _sparse_on_pocl(path, plan, target, tmp_path)
+
+
+@pytest.mark.parametrize("name, target", [("vgg_cifar", "mali"), ("vgg_cifar", "adreno"),
+                                          ("mobilenet_v2", "adreno")])
+def test_zoo_model_with_npas_runs_on_pocl_end_to_end(zoo_onnx, tmp_path, name, target):
+    rows, runner, result = _zoo_sparse_on_pocl(zoo_onnx, name, target, tmp_path)
+    assert result.ok, f"{name} on {target}: {result.report()}"
+    assert sum(row.kernel is not None for row in rows) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mali", "adreno"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "resnet18"])
+def test_zoo_models_compile_with_npas_for_gpus(zoo_onnx, tmp_path, capsys, name, target):
+    from npas_tvm.cli import main
+    from npas_tvm.compiler import opencl_source
+
+    code = main(["compile", zoo_onnx(name), "--target", target, "--npas",
+                 "-o", str(tmp_path / f"{name}.so")])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "Traceback" not in err and out.count(" gathered ") + out.count(" filters ") > 3

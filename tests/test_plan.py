@@ -135,3 +135,22 @@ def test_rule_plan_follows_the_rules_and_validates():
     assert all(spec == DenseSpec() for spec in rule_plan(LAYERS, rate=1.0).layers.values())
     with pytest.raises(PlanError):
         rule_plan(LAYERS, rate=0.5)
+
+
+def test_rules_for_a_target_follow_its_kernels(zoo_onnx):
+    from npas_tvm.layers import load_model_layers
+    from search.rule_mapper import RuleTarget, rule_choices
+
+    _, layers = load_model_layers(zoo_onnx("resnet18"))
+    conv = next(layer for layer in layers if layer.name == "layer1.0.conv1.weight")
+
+    def choice(target):
+        return rule_choices([conv], 3.0, target)[0]
+
+    fast = RuleTarget(lanes=16, speed=lambda scheme: 1.0)
+    slow = RuleTarget(lanes=16, speed=lambda scheme: 0.3 if scheme == "pattern" else 0.75)
+    absent = RuleTarget(lanes=8, has_kernel=lambda scheme: scheme != "pattern")
+    assert choice(None).spec.scheme == "pattern" == choice(fast).spec.scheme
+    assert choice(slow).spec.scheme == "block_punched" and "slower" in choice(slow).reason
+    assert choice(slow).spec.block == (16, 4)                    # rows = the SIMD width
+    assert choice(absent).spec.block == (8, 4) and "no pattern kernel" in choice(absent).reason
