@@ -38,8 +38,8 @@ class CpuScheduleConfig:
     # Sparse (gathered-tap) kernels, tir_schedules.sparse_conv:
     sparse_pixel_tile: int = 0  # max output columns per register tile (0: register budget)
     # parallel loop: "rows" (image, row), "rows_blocks" (image, row, filter block),
-    # "blocks" (image, filter block, row), "auto" (rows with a padding stage, else
-    # rows_blocks)
+    # "blocks" (image, filter block, row), "auto" (blocks on maps of at most 64 pixels,
+    # else rows_blocks)
     sparse_parallel: str = "auto"
     sparse_accumulator_scope: str = "global"  # see sparse_conv's module docstring
 
