@@ -419,9 +419,10 @@ def _median(run_secs) -> float:
 def tune(tasks: Sequence[Task], spec: TargetSpec, work_dir: str, trials: int,
          tracker: str | None = None, key: str | None = None, batch: int = 4,
          device_retries: int = 3, retry_wait_s: float = 5.0, progress: bool = True,
-         log: Callable[[str], None] = print) -> TuneReport:
+         log: Callable[[str], None] = print, time_budget_s: float | None = None) -> TuneReport:
     """Measure up to ``trials`` candidates over ``tasks`` (what the database already
-    holds counts toward each task's share), committing each result at once."""
+    holds counts toward each task's share), committing each result at once; stop
+    starting batches after ``time_budget_s``."""
     from tqdm import tqdm
     from tvm.s_tir import meta_schedule as ms
 
@@ -470,6 +471,9 @@ def tune(tasks: Sequence[Task], spec: TargetSpec, work_dir: str, trials: int,
                 model.update(context, [_candidate(c) for c in known],
                              [ms.runner.RunnerResult(measured[c.key], None) for c in known])
             while count > 0:
+                if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                    report.stopped = f"time budget of {time_budget_s:.0f} s spent"
+                    return report
                 pending = [c for c in space if c.key not in measured]
                 if not pending:
                     break
