@@ -110,6 +110,25 @@ def test_compile_npas_for_mali_lowers_to_sparse_kernels(zoo_onnx, tmp_path, caps
     assert "gathered" in out and "Traceback" not in err
 
 
+@pytest.mark.parametrize("device", ["mali", "adreno"])
+@pytest.mark.parametrize("layer, scheme", [
+    (("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "block_punched"),
+    (("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "pattern"),
+    (("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "unstructured"),
+    (("conv1x1 32->64 @8", "conv", 32, 64, 8, 1), "block_based"),
+    (("conv1x1 32->64 @8", "conv", 32, 64, 8, 1), "unaligned_block"),
+    (("fc 64->40", "fc", 64, 40, 1, 1), "block_based"),
+    (("fc 64->40", "fc", 64, 40, 1, 1), "unstructured"),
+], ids=lambda v: v if isinstance(v, str) else v[0].replace(" ", "_"))
+def test_every_sparse_kernel_runs_on_both_devices(tmp_path, layer, scheme, device):
+    """Each scheme's kernel lowers for the device (no dense fallback) and matches."""
+    from benchmarks.opencl_proxy import measure
+
+    row = measure(layer, scheme, 4.0, device, str(tmp_path))
+    assert row is not None, f"{scheme} fell back to dense on {device}"
+    assert row["ok"] and 0 < row["work_group"] <= 256, row
+
+
 def test_proxy_table_row_reports_work_traffic_and_intensity(tmp_path):
     from benchmarks.opencl_proxy import measure
 

@@ -37,12 +37,15 @@ def _vector(extent: int) -> int:
     return VECTOR if extent % VECTOR == 0 else 1
 
 
-def _map_threads(sch, main, out, spatial: list, lanes, tap, max_threads: int) -> None:
+def _map_threads(sch, main, out, spatial: list, lanes, tap, max_threads: int,
+                 whole_block: bool = False) -> None:
     """Work-items over (last spatial loop, vectors of ``lanes``), work-groups over the
     other spatial loops and the rest of the last; per work-item the taps run outside
-    its vector of outputs, whose accumulators stay in registers."""
+    its vector of outputs, whose accumulators stay in registers. ``whole_block`` gives a
+    work-item all of ``lanes`` (an epilogue that reindexes the block, as the ragged GEMM
+    output does, then reads only that work-item's accumulators)."""
     extent = int(sch.get(lanes).extent)
-    vector = _vector(extent)
+    vector = extent if whole_block else _vector(extent)
     vec_o, vec_i = sch.split(lanes, [None, vector])
     inner = int(sch.get(spatial[-1]).extent)
     per_group = max(1, min(inner, max_threads // (extent // vector)))
@@ -84,11 +87,14 @@ def schedule_sparse_conv2d_gpu(sch, max_threads: int = 256) -> None:
 
 def schedule_sparse_dense_gpu(sch, max_threads: int = 256) -> None:
     """Work-groups over (row, filter blocks); work-items over (block, float4 of its
-    filters); the ragged last block's outputs are written by the epilogue."""
+    filters), or over whole blocks when the last block is ragged (its outputs are
+    written by the epilogue, which then reads one work-item's accumulators)."""
     dense = find_block(sch, SPARSE_DENSE_BLOCK)
     out = _inline_around(sch, dense)
     *spatial, lanes, tap = sch.get_loops(dense)
-    _map_threads(sch, dense, out, spatial, lanes, tap, max_threads)
+    blocks, block = (int(sch.get(loop).extent) for loop in (spatial[-1], lanes))
+    ragged = out is not None and int(sch.get(sch.get_loops(out)[-1]).extent) != blocks * block
+    _map_threads(sch, dense, out, spatial, lanes, tap, max_threads, whole_block=ragged)
 
 
 def _bind_flat(sch, loops, max_threads: int):
