@@ -36,6 +36,9 @@ def kernel_family(func) -> str:
     from tir_schedules.generic import _is_reduction
 
     sch = tvm.s_tir.Schedule(func)
+    for family, (prefix, _) in pixel_sparse_templates().items():
+        if find_block(sch, prefix) is not None:
+            return family
     if find_block(sch, sparse_conv.SPARSE_CONV_BLOCK) is not None:
         return "sparse_conv2d"
     if find_block(sch, sparse_conv.SPARSE_DENSE_BLOCK) is not None:
@@ -75,7 +78,9 @@ def apply_template(func, cfg: CpuScheduleConfig):
                  "sparse_dense": sparse_conv.schedule_sparse_dense,
                  "depthwise": conv2d.schedule_depthwise_conv2d_nchwc,
                  "reduction": generic.schedule_reduction,
-                 "injective": generic.schedule_injective}
+                 "injective": generic.schedule_injective,
+                 **{family: template for family, (_, template)
+                    in pixel_sparse_templates().items()}}
     try:
         family = kernel_family(func)
     except Exception:  # no root block (hand-written TIR): not ours to schedule
@@ -87,6 +92,17 @@ def apply_template(func, cfg: CpuScheduleConfig):
         _log.debug("no %s schedule: %s", family, str(err).splitlines()[0] if str(err) else err)
         return None
     return sch, family
+
+
+def pixel_sparse_templates() -> dict:
+    """Family -> (block-name prefix, CPU template) of the pixel-vectorized sparse kernels
+    (pattern, row-sparse); checked before the gathered kernels, whose prefix theirs
+    extend."""
+    from tir_schedules import sparse_csr, sparse_pattern
+
+    return {"sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
+                               sparse_pattern.schedule_pattern_conv2d),
+            "sparse_rows": (sparse_csr.ROWS_CONV_BLOCK, sparse_csr.schedule_rows_conv2d)}
 
 
 def finish_schedule(scheduled, family: str):
