@@ -24,6 +24,36 @@ def test_arm_cpu_model_runs_remotely_and_matches(arm_device, compiled, capsys):
     assert "check vs onnxruntime" in out and ": OK" in out
 
 
+@pytest.mark.parametrize("plan", ["rule", "uniform5"])
+def test_npas_model_runs_remotely_and_matches_the_pruned_onnx(arm_device, zoo_onnx, tmp_path,
+                                                              capsys, plan):
+    """compile --npas for arm-cpu (block, pattern or filter kernels as the plan says),
+    run over RPC on the emulated phone, checked against onnxruntime on the pruned ONNX."""
+    tracker, key = arm_device
+    npas = ["--npas", "rule"]
+    if plan != "rule":
+        from npas_tvm.layers import load_model_layers
+        from npas_tvm.plan import save_plan
+        from npas_tvm.targets import resolve_target
+        from search.rule_mapper import RuleTarget, uniform_plan
+
+        _, layers = load_model_layers(zoo_onnx("vgg_cifar"))
+        path = save_plan(uniform_plan(layers, 5.0, RuleTarget.for_spec(
+            resolve_target("arm-cpu"))), str(tmp_path / "plan.json"))
+        npas = ["--npas", path]
+    library = str(tmp_path / f"vgg.{plan}.arm.so")
+    assert main(["compile", zoo_onnx("vgg_cifar"), "--target", "arm-cpu", *npas,
+                 "-o", library]) == 0
+    out = capsys.readouterr().out
+    assert "gathered" in out
+    code = main(["bench", library, "--model", library.replace(".so", ".pruned.onnx"),
+                 "--rpc-tracker", tracker, "--rpc-key", key, "--number", "1",
+                 "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "check vs onnxruntime" in out and ": OK" in out
+
+
 def test_wrong_key_fails_fast(arm_device, compiled, capsys):
     tracker, _ = arm_device
     _, _, library = compiled("vgg_cifar", "arm-cpu")
