@@ -9,7 +9,9 @@ For each zoo model, in one run on this machine and with the same thread count fo
 engine: onnxruntime (dense model), MNN (dense, and its sparse mode on each pruned model),
 PyTorch eager, TVM dense (npas-tvm's untuned default schedules; tuned too with
 ``--tuning-db``), and npas-tvm at each plan: ``rule`` (the rule-based plan at 3x) and
-``uniform2/5/10`` (every layer at that rate, with the best scheme per layer type). Every
+``uniform2/5/10`` (every layer at that rate, with the best scheme per layer type); with
+``--tune-trials N``, TVM dense and npas-tvm's rule plan are also tuned with N trials each
+(the same budget) and timed tuned. Every
 compiled model is checked against onnxruntime on its own (pruned) ONNX first. Latency is
 the median of interleaved rounds after warm-up (engines alternate, the order rotating,
 with a pause between them); min and max are printed too, and every ratio is against
@@ -44,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="threads for every engine (default TVM_NUM_THREADS or all CPUs)")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per engine")
     parser.add_argument("--work-dir", default="npas-bench", help="models and libraries")
-    parser.add_argument("--tuning-db", help="also time TVM dense with these tuned records")
+    parser.add_argument("--tune-trials", type=int, default=0,
+                        help="also tune TVM dense and npas-tvm's rule plan with this many "
+                             "trials each (the same budget) and time the tuned builds")
     parser.add_argument("--no-mnn", action="store_true", help="skip MNN")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--quick", action="store_true",
@@ -113,10 +117,9 @@ def prepare_model(name: str, args, spec, threads: int, log) -> dict:
 
     library = export(compile_model(model, spec), os.path.join(work, "dense.so"), spec)
     found["tvm dense"] = (engines.tvm_engine(library, names, inputs), "dense")
-    if args.tuning_db:
-        from npas_tvm.tuning import load_database
-
-        tuned = export(compile_model(model, spec, tuning_db=load_database(args.tuning_db)),
+    if args.tune_trials:
+        tuned = export(compile_model(model, spec, tuning_db=_tuned(model, spec, None, work,
+                                                                   args.tune_trials, log)),
                        os.path.join(work, "dense.tuned.so"), spec)
         found["tvm dense tuned"] = (engines.tvm_engine(tuned, names, inputs), "dense")
     if not args.no_torch:
@@ -136,12 +139,31 @@ def prepare_model(name: str, args, spec, threads: int, log) -> dict:
         label = f"npas-tvm {plan}"
         found[label] = (engines.tvm_engine(library, names, inputs), plan)
         check(label, found[label][0], pruned.proto)
+        if args.tune_trials and plan == "rule":
+            database = _tuned(model, spec, "rule", work, args.tune_trials, log)
+            executable, _ = compile_sparse(model, spec, npas, rate, out, table=False,
+                                           tuning_db=database)
+            tuned = export(executable, out.replace(".so", ".tuned.so"), spec)
+            found[f"{label} tuned"] = (engines.tvm_engine(tuned, names, inputs), plan)
+            check(f"{label} tuned", found[f"{label} tuned"][0], pruned.proto)
         if use_mnn:
             mnn = engines.mnn_convert(pruned.path, out.replace(".so", ".mnn"), sparse=True)
             found[f"mnn sparse {plan}"] = (engines.mnn_engine(mnn, inputs, output, threads),
                                            plan)
             check(f"mnn sparse {plan}", found[f"mnn sparse {plan}"][0], pruned.proto)
     return {"engines": found, "checks": checks}
+
+
+def _tuned(model, spec, npas: str | None, work: str, trials: int, log):
+    """Tune the model (dense, or pruned by ``npas``) on this machine; its database."""
+    from npas_tvm.tuning import TuningDatabase, extract_tasks, prepare_module, tune
+
+    folder = os.path.join(work, f"tune-{npas or 'dense'}")
+    tasks = extract_tasks(prepare_module(model, spec, npas), spec)
+    report = tune(tasks, spec, folder, trials, progress=False, log=lambda line: None)
+    log(f"  tuned {npas or 'dense'}: {len(tasks)} kernels, {report.measured} measured, "
+        f"{report.reused} reused")
+    return TuningDatabase(folder, spec)
 
 
 def run_suite(args, log=print) -> dict:
