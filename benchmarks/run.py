@@ -215,7 +215,7 @@ def render_markdown(results: dict) -> str:
                                 for name, rows in results["models"].items())])
 
 
-def plot(results: dict, folder: str, kernels_json: str | None = None) -> list[str]:
+def plot(results: dict, folder: str, kernel_jsons: tuple[str, ...] = ()) -> list[str]:
     """Per-model bars by engine; latency vs rate per scheme if a kernels JSON exists."""
     import matplotlib
 
@@ -239,34 +239,47 @@ def plot(results: dict, folder: str, kernels_json: str | None = None) -> list[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
-    if kernels_json and os.path.exists(kernels_json):
-        written.append(plot_kernels(kernels_json, folder))
+    found = [path for path in kernel_jsons if os.path.exists(path)]
+    if found:
+        written.append(plot_kernels(found, folder))
     return written
 
 
-def plot_kernels(kernels_json: str, folder: str) -> str:
-    """Speed-up over the dense TVM kernel vs rate, one line per layer (and scheme)."""
+def plot_kernels(kernel_jsons: list[str], folder: str) -> str:
+    """Speed-up over the dense TVM kernel vs rate: one panel per layer type, one line per
+    layer and scheme, from ``benchmarks/kernels.py`` / ``kernels_family.py`` JSON (their
+    1-thread rows, the steadier figures)."""
     import json
 
     import matplotlib.pyplot as plt
 
-    with open(kernels_json, encoding="utf-8") as handle:
-        data = json.load(handle)
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    fig, axis = plt.subplots(figsize=(6, 4))
     series: dict = {}
-    for row in rows:
-        if row.get("threads", 0) != data.get("threads", row.get("threads")):
-            continue
-        key = f"{row['layer']} ({row.get('scheme', 'block')})"
-        series.setdefault(key, []).append((row["rate"], row["dense_ms"] / row["sparse_ms"]))
-    for key, points in sorted(series.items()):
-        points.sort()
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-    axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set_xlabel("pruning rate (x)")
-    axis.set_ylabel("speed-up over the dense TVM kernel")
-    axis.legend(fontsize=7)
+    for path in kernel_jsons:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        rows = data["rows"] if isinstance(data, dict) else data
+        threads = min(row.get("threads", 1) for row in rows)
+        for row in rows:
+            if row.get("threads", 1) != threads:
+                continue
+            sparse = row.get("sparse_ms", row.get("ms"))
+            kind = row["layer"].split()[0]
+            scheme = row.get("scheme") or ("block_punched" if kind == "conv3x3" else
+                                           "block_based")
+            key = (kind, f"{row['layer']}: {scheme}")
+            series.setdefault(key, {})[row["rate"]] = row["dense_ms"] / sparse
+    kinds = sorted({kind for kind, _ in series})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        for (group, label), points in sorted(series.items()):
+            if group != kind:
+                continue
+            rates = sorted(points)
+            axis.plot(rates, [points[r] for r in rates], marker="o", label=label)
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_title(f"{kind}: speed-up over the dense TVM kernel (1 thread)")
+        axis.set_xlabel("pruning rate (x)")
+        axis.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(folder, "kernels.png")
     fig.savefig(path, dpi=110)
@@ -283,8 +296,10 @@ def main(argv=None) -> int:
         with open(args.markdown, "w", encoding="utf-8") as handle:
             handle.write(render_markdown(results) + "\n")
     if args.plots:
-        for path in plot(results, args.plots,
-                         os.path.join(os.path.dirname(args.json or "."), "kernels.json")):
+        here = os.path.dirname(args.json or os.path.join(args.plots, "x"))
+        kernel_jsons = tuple(os.path.join(here, name)
+                             for name in ("kernels.json", "kernels_family.json"))
+        for path in plot(results, args.plots, kernel_jsons):
             print(f"wrote {path}")
     bad = [(name, row["engine"]) for name, rows in results["models"].items() for row in rows
            if row["max_rel_err"] > 1e-4]
