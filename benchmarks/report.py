@@ -25,9 +25,46 @@ PHONES = ("These are x86 host numbers, measured with the same kernels the ARM ta
           "... --rpc-key ...` against it.")
 
 
-def section(results: dict, plots: list[str]) -> str:
+def kernel_table(folder: str) -> str:
+    """Per-layer kernel speed-ups at 5x and 10x (1 thread, the steadier figure), from
+    ``kernels.json`` (block schemes) and ``kernels_family.json`` (every scheme)."""
+    rows = []
+    for name in ("kernels.json", "kernels_family.json"):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        for row in data["rows"]:
+            if row.get("threads") != 1 or row["rate"] not in (3, 5, 10):
+                continue
+            scheme = row.get("scheme") or ("block_punched" if row["layer"].startswith("conv3x3")
+                                           else "block_based")
+            sparse = row.get("sparse_ms", row.get("ms"))
+            rows.append((row["layer"], scheme, row["rate"], row["dense_ms"] / sparse,
+                         row["ort_ms"] / sparse))
+    if not rows:
+        return ""
+    seen, lines = set(), ["Sparse kernels, 1 thread (`benchmarks/kernels.py`, "
+                          "`benchmarks/kernels_family.py`): speed-up over TVM's dense kernel "
+                          "/ over onnxruntime's dense layer.", "",
+                          "| layer | scheme | 3x | 5x | 10x |", "|---|---|---:|---:|---:|"]
+    by_key: dict = {}
+    for layer, scheme, rate, dense, ort in rows:
+        by_key.setdefault((layer, scheme), {})[rate] = f"{dense:.2f} / {ort:.2f}"
+    for (layer, scheme), cells in by_key.items():
+        if (layer, scheme) in seen:
+            continue
+        seen.add((layer, scheme))
+        lines.append(f"| {layer} | {scheme} | " + " | ".join(cells.get(r, "-") for r in (3, 5, 10))
+                     + " |")
+    return "\n".join(lines)
+
+
+def section(results: dict, plots: list[str], folder: str = "") -> str:
     images = "\n".join(f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots)
-    return "\n\n".join(part for part in (render_markdown(results), images, PHONES) if part)
+    return "\n\n".join(part for part in (render_markdown(results), kernel_table(folder),
+                                          images, PHONES) if part)
 
 
 def update_readme(readme: str, text: str) -> None:
@@ -51,9 +88,9 @@ def main(argv=None) -> int:
     folder = os.path.dirname(args.results)
     root = os.path.dirname(os.path.abspath(args.readme))
     plots = [os.path.relpath(os.path.join(folder, name), root)
-             for name in ("models.png", "kernels.png")
+             for name in ("models.png", "kernels.png", "kernels_family.png")
              if os.path.exists(os.path.join(folder, name))]
-    update_readme(args.readme, section(results, plots))
+    update_readme(args.readme, section(results, plots, folder))
     print(f"updated {args.readme} from {args.results}")
     return 0
 
