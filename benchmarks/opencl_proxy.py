@@ -30,25 +30,16 @@ SCHEMES = {"conv1x1": ("block_based", "unaligned_block", "unstructured"),
 
 
 def layer_onnx(kind: str, cin: int, cout: int, size: int, kernel: int, path: str) -> str:
+    """The layer as a one-op ONNX model (``benchmarks/kernels.py``'s) with a random weight."""
     import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.kernels import ort_model
 
     rng = np.random.default_rng(0)
-    if kind == "fc":
-        weight = (rng.standard_normal((cout, cin)) / np.sqrt(cin)).astype("float32")
-        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
-        shape = [1, cin]
-    else:
-        weight = rng.standard_normal((cout, cin, kernel, kernel)).astype("float32")
-        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kernel, kernel],
-                                pads=[kernel // 2] * 4)
-        shape = [1, cin, size, size]
-    graph = helper.make_graph(
-        [node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    shape = (cout, cin) if kind == "fc" else (cout, cin, kernel, kernel)
+    weight = (rng.standard_normal(shape) / np.sqrt(cin * kernel * kernel)).astype("float32")
+    onnx.save(ort_model(kind, weight, size, kernel), path)
     return path
 
 

@@ -590,17 +590,8 @@ def apply_database_pass(database: TuningDatabase):
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
     def apply(mod, ctx):
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc):
-                continue
-            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-                continue
-            scheduled = database.best_schedule(func)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        from relay_passes.schedule import schedule_unscheduled
+
+        return schedule_unscheduled(mod, database.best_schedule)
 
     return apply

@@ -30,19 +30,11 @@ class ScheduleSparseGPU:
         self.max_threads = max_threads
 
     def transform_module(self, mod, ctx):
+        from relay_passes.schedule import schedule_unscheduled
         from tir_schedules.sparse_gpu import schedule_sparse_gpu
 
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or (
-                    func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
-                continue
-            scheduled = schedule_sparse_gpu(func, self.max_threads)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return schedule_unscheduled(mod, lambda func: schedule_sparse_gpu(func,
+                                                                          self.max_threads))
 
 
 def _backend(target):

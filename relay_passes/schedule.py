@@ -27,15 +27,21 @@ class ScheduleDenseCPU:
         self.config = config
 
     def transform_module(self, mod, ctx):
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc):
-                continue
-            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-                continue
-            scheduled = schedule_primfunc(func, self.config)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return schedule_unscheduled(mod, lambda func: schedule_primfunc(func, self.config))
+
+
+def schedule_unscheduled(mod, schedule):
+    """``mod`` with each PrimFunc not yet marked ``tirx.is_scheduled`` replaced by
+    ``schedule(func)`` (and marked), where that is not None: the loop every schedule
+    pass (default templates, tuned records, OpenCL sparse kernels) shares."""
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (
+                func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
+            continue
+        scheduled = schedule(func)
+        if scheduled is not None:
+            updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
