@@ -20,6 +20,7 @@ import re
 import tvm
 from tvm import relax
 
+from relay_passes.weights import static_shape
 from tir_schedules import conv2d as conv_kernels
 
 _BLOCKED = re.compile(r"^NCHW(\d+)c$")
@@ -36,14 +37,6 @@ def channel_block(channels: int, lanes: int, smallest: int = 4) -> int | None:
     return None
 
 
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    values = getattr(shape, "values", None)
-    if values is None or not all(isinstance(v, tvm.tirx.IntImm) for v in values):
-        return None
-    return [int(v) for v in values]
-
-
 def conv2d_layouts(call, lanes: int) -> list[str] | None:
     """The ``[data, kernel, output]`` layouts for a conv2d call, or None to keep NCHW.
 
@@ -54,7 +47,7 @@ def conv2d_layouts(call, lanes: int) -> list[str] | None:
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return None
-    data_shape, kernel_shape = _static_shape(call.args[0]), _static_shape(call.args[1])
+    data_shape, kernel_shape = static_shape(call.args[0]), static_shape(call.args[1])
     if data_shape is None or kernel_shape is None or call.args[0].ty.dtype != "float32":
         return None
     in_channels, out_channels, groups = data_shape[1], kernel_shape[0], int(attrs.groups)
@@ -108,7 +101,7 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call):
     dilation = [int(d) for d in attrs.dilation]
     groups = int(attrs.groups)
     data, kernel = call.args
-    if groups > 1 and kernel_match.group(1) == "1" and groups == _static_shape(data)[1] * int(
+    if groups > 1 and kernel_match.group(1) == "1" and groups == static_shape(data)[1] * int(
             data_match.group(1)):
         return bb.call_te(conv_kernels.depthwise_conv2d_nchwc, data, kernel, strides, padding,
                           dilation, primfunc_name_hint="depthwise_conv2d_nchwc")

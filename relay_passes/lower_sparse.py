@@ -13,8 +13,8 @@ from tvm import relax
 
 from npas_tvm.schemes import SchemeSpec
 from relay_passes.sparse_kernels import LayerGeometry, Packed, SparseKernel, sparse_kernel_for
-from relay_passes.weights import (WeightUse, attached_params, pruning_annotations,
-                                  weight_uses)
+from relay_passes.weights import (WeightUse, attached_params, has_main, pruning_annotations,
+                                  static_shape, weight_uses)
 
 _log = logging.getLogger("npas_tvm")
 _BLOCKED = re.compile(r"^NCHW(\d+)c$")
@@ -45,10 +45,6 @@ class SparseLayer:
     reason: str = ""
 
 
-def _shape(expr) -> tuple[int, ...]:
-    return tuple(int(v) for v in expr.ty.shape.values)
-
-
 def _logical_nchw(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """The NCHW shape of a tensor in ``NCHW`` or ``NCHW{c}c``."""
     return shape if layout == "NCHW" else (shape[0], shape[1] * shape[4], shape[2], shape[3])
@@ -57,11 +53,11 @@ def _logical_nchw(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 def geometry_of(use: WeightUse) -> LayerGeometry:
     call = use.call
     if use.op == "matmul":
-        return LayerGeometry("matmul", use.kind, use.weight_shape, _shape(call.args[0]))
+        return LayerGeometry("matmul", use.kind, use.weight_shape, static_shape(call.args[0]))
     attrs = call.attrs
     return LayerGeometry(
         "conv2d", use.kind, use.weight_shape,
-        _logical_nchw(_shape(call.args[0]), str(attrs.data_layout)),
+        _logical_nchw(static_shape(call.args[0]), str(attrs.data_layout)),
         tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
         tuple(int(d) for d in attrs.dilation), int(attrs.groups))
 
@@ -71,11 +67,10 @@ def _call_problem(use: WeightUse) -> str | None:
     call = use.call
     if call.args[0].ty.dtype != "float32":
         return f"data type {call.args[0].ty.dtype} (the sparse kernels are float32)"
-    if getattr(call.args[0].ty.shape, "values", None) is None or any(
-            not isinstance(v, tvm.tirx.IntImm) for v in call.args[0].ty.shape.values):
+    if static_shape(call.args[0]) is None:
         return "the input shape is not static"
     if use.op == "matmul":
-        return None if len(_shape(call.args[0])) >= 2 else "a 1-D matmul input"
+        return None if len(static_shape(call.args[0])) >= 2 else "a 1-D matmul input"
     attrs = call.attrs
     layouts = (str(attrs.data_layout), str(attrs.out_layout))
     if not all(layout == "NCHW" or _BLOCKED.match(layout) for layout in layouts):
@@ -214,7 +209,7 @@ class LowerToSparseKernels:
         self.on_layer = on_layer or (lambda row: None)
 
     def transform_module(self, mod, ctx):
-        if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        if not has_main(mod):
             return mod
         func = mod["main"]
         layers = sparse_layers(func, self.spec.family)

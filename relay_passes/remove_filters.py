@@ -20,8 +20,8 @@ import tvm
 from tvm import relax
 
 from relay_passes.canonicalize import _clamp_kind
-from relay_passes.weights import (WeightUse, attached_params, bindings, pruning_annotations,
-                                  weight_uses, with_annotations)
+from relay_passes.weights import (WeightUse, attached_params, bindings, has_main, is_op,
+                                  pruning_annotations, weight_uses, with_annotations)
 
 _log = logging.getLogger("npas_tvm")
 
@@ -50,16 +50,11 @@ def _users(bound: dict) -> dict:
     users: dict = {}
     for var, value in bound.items():
         if isinstance(value, relax.Call):
-            args = value.args[1].fields if _is(value, "relax.call_tir") else value.args
+            args = value.args[1].fields if is_op(value, "relax.call_tir") else value.args
             for arg in args:
                 if isinstance(arg, relax.Var):
                     users.setdefault(arg, []).append(var)
     return users
-
-
-def _is(value, name: str) -> bool:
-    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
-        and value.op.name == name
 
 
 class _Tracer:
@@ -79,7 +74,7 @@ class _Tracer:
         if expr in self.params and self.params[expr] in self.values:
             return float(self.values[self.params[expr]])
         value = self.bound.get(expr)
-        if _is(value, "relax.where") and _is(self.bound.get(value.args[0]), "relax.isnan"):
+        if is_op(value, "relax.where") and is_op(self.bound.get(value.args[0]), "relax.isnan"):
             return self.scalar(value.args[2])
         return None
 
@@ -88,7 +83,7 @@ class _Tracer:
         if expr in self.params:
             return self.params[expr]
         value = self.bound.get(expr)
-        if _is(value, "relax.reshape") and value.args[0] in self.params:
+        if is_op(value, "relax.reshape") and value.args[0] in self.params:
             return self.params[value.args[0]]
         return None
 
@@ -113,7 +108,7 @@ class _Tracer:
             axis = 1 if consumer.op == "conv2d" or not consumer.transposed else 0
             removal.consumers.append((consumer.name, axis))
             return ""
-        if _is(value, "relax.add"):
+        if is_op(value, "relax.add"):
             other = value.args[1] if value.args[0].same_as(var) else value.args[0]
             name = self.param_of(other)
             if name is None or self.values[name].size != len(removal.kept):
@@ -123,11 +118,11 @@ class _Tracer:
                 removal.reshapes.append(other)
             stack.append(user)
             return ""
-        if _is(value, "relax.maximum") or _is(value, "relax.minimum") or \
-                _is(value, "relax.call_tir"):
-            kind = (value.op.name.split(".")[-1] if not _is(value, "relax.call_tir")
+        if is_op(value, "relax.maximum") or is_op(value, "relax.minimum") or \
+                is_op(value, "relax.call_tir"):
+            kind = (value.op.name.split(".")[-1] if not is_op(value, "relax.call_tir")
                     else _clamp_kind(self.mod[value.args[0]]))
-            operands = value.args if kind and not _is(value, "relax.call_tir") \
+            operands = value.args if kind and not is_op(value, "relax.call_tir") \
                 else value.args[1].fields
             bound = self.scalar(operands[1]) if kind else None
             if bound is None or (kind == "maximum" and bound > 0) or (
@@ -135,10 +130,10 @@ class _Tracer:
                 return "its output passes an op that makes a zero channel nonzero"
             stack.append(user)
             return ""
-        if _is(value, "relax.mean") and [int(a) for a in value.attrs.axis] == [2, 3]:
+        if is_op(value, "relax.mean") and [int(a) for a in value.attrs.axis] == [2, 3]:
             stack.append(user)
             return ""
-        if _is(value, "relax.reshape"):
+        if is_op(value, "relax.reshape"):
             shape = [int(v) for v in value.args[0].ty.shape.values]
             if len(shape) == 4 and shape[2:] == [1, 1]:
                 removal.reshapes.append(user)
@@ -169,7 +164,7 @@ class _Shrinker(relax.PyExprMutator):
                 dims = [int(v) for v in call.args[1].values]
                 dims[dims.index(old)] = new
                 return relax.op.reshape(self.visit_expr(call.args[0]), dims)
-        if _is(call, "relax.call_tir"):  # a clamp kernel is shape-specialized: use the op
+        if is_op(call, "relax.call_tir"):  # a clamp kernel is shape-specialized: use the op
             kind = _clamp_kind(self.mod_[call.args[0]])
             if kind is not None:
                 data, bound = (self.visit_expr(arg) for arg in call.args[1].fields)
@@ -183,7 +178,7 @@ def filter_biases(func, use: WeightUse) -> list[str]:
     found = []
     for user in tracer.users.get(use.var, []):
         value = tracer.bound[user]
-        if _is(value, "relax.add"):
+        if is_op(value, "relax.add"):
             other = value.args[1] if value.args[0].same_as(use.var) else value.args[0]
             name = tracer.param_of(other)
             if name is not None and tracer.values[name].size == use.weight_shape[0]:
@@ -210,7 +205,7 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
 
     @tvm.transform.module_pass(opt_level=0, name="RemoveFilters")
     def remove(mod, ctx):
-        if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        if not has_main(mod):
             return mod
         func = mod["main"]
         specs = pruning_annotations(func)

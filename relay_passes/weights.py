@@ -58,9 +58,14 @@ def with_attached_params(func: relax.Function,
     return func.with_attr("params", values)
 
 
+def has_main(mod: tvm.IRModule) -> bool:
+    """Whether ``mod`` has the ``main`` function the pruning passes work on."""
+    return "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
 def update_main(mod: tvm.IRModule, update) -> tvm.IRModule:
     """A copy of ``mod`` with ``main`` replaced by ``update(main)`` (if it has one)."""
-    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+    if not has_main(mod):
         return mod
     mod = mod.clone()  # a pass leaves its input module as it was
     mod["main"] = update(mod["main"])
@@ -77,7 +82,7 @@ def BindAttachedParams() -> tvm.transform.Pass:  # pylint: disable=invalid-name
 
     @tvm.transform.module_pass(opt_level=0, name="BindAttachedParams")
     def bind(mod, ctx):
-        if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        if not has_main(mod):
             return mod
         func = mod["main"]
         values = attached_params(func)
@@ -125,7 +130,8 @@ def bindings(func: relax.Function) -> dict[relax.Var, relax.Expr]:
     return found
 
 
-def _is_op(expr, name: str) -> bool:
+def is_op(expr, name: str) -> bool:
+    """Whether ``expr`` is a call of the Relax operator ``name`` (e.g. "relax.add")."""
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
         and expr.op.name == name
 
@@ -133,10 +139,11 @@ def _is_op(expr, name: str) -> bool:
 def _through(expr, bound: dict, op: str):
     """The argument of ``op`` if ``expr`` is (a variable bound to) a call of it."""
     value = bound.get(expr, expr) if isinstance(expr, relax.Var) else expr
-    return value.args[0] if _is_op(value, op) else None
+    return value.args[0] if is_op(value, op) else None
 
 
-def _static_shape(expr) -> tuple[int, ...] | None:
+def static_shape(expr) -> tuple[int, ...] | None:
+    """The shape of a tensor expression if every dimension is a constant, else None."""
     values = getattr(getattr(expr.ty, "shape", None), "values", None)
     if values is None or not all(isinstance(v, tvm.tirx.IntImm) for v in values):
         return None
@@ -153,17 +160,17 @@ def weight_uses(func: relax.Function) -> Iterator[WeightUse]:
         return
     bound = bindings(func)
     for var, value in bound.items():
-        if _is_op(value, "relax.nn.conv2d"):
+        if is_op(value, "relax.nn.conv2d"):
             weight = value.args[1]
             source = _through(weight, bound, "relax.layout_transform")
             weight = weight if source is None else source
-            shape = _static_shape(weight) if weight in weights else None
+            shape = static_shape(weight) if weight in weights else None
             if shape is None or len(shape) != 4:
                 continue
             groups = int(value.attrs.groups)
             yield WeightUse(weights[weight], "conv2d", conv_kind(shape, groups), shape,
                             False, value, var)
-        elif _is_op(value, "relax.matmul"):
+        elif is_op(value, "relax.matmul"):
             weight, transposed = value.args[1], True
             inner = _through(weight, bound, "relax.permute_dims")
             if inner is not None:
@@ -172,7 +179,7 @@ def weight_uses(func: relax.Function) -> Iterator[WeightUse]:
                 if axes is not None and [int(a) for a in axes] != [1, 0]:
                     continue
                 weight, transposed = inner, False
-            shape = _static_shape(weight) if weight in weights else None
+            shape = static_shape(weight) if weight in weights else None
             if shape is None or len(shape) != 2:
                 continue
             yield WeightUse(weights[weight], "matmul", FC,
