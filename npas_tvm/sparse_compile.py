@@ -19,9 +19,6 @@ from npas_tvm.model_io import LoadedModel
 from npas_tvm.schemes import RATE_TOLERANCE
 from npas_tvm.targets import TargetSpec
 
-MODES = ("rule", "detect", "auto")
-
-
 def pruned_path(output: str) -> str:
     """``OUT.so`` -> ``OUT.pruned.onnx``."""
     root, _ = os.path.splitext(output)
