@@ -19,6 +19,7 @@ from npas_tvm.model_io import LoadedModel
 from npas_tvm.schemes import RATE_TOLERANCE
 from npas_tvm.targets import TargetSpec
 
+
 def pruned_path(output: str) -> str:
     """``OUT.so`` -> ``OUT.pruned.onnx``."""
     root, _ = os.path.splitext(output)
