@@ -55,16 +55,35 @@ class _LowerCaseLevel(logging.Formatter):
         return super().format(record)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, so a swapped or closed stream
+    (pytest's capture, a notebook) never swallows a warning."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def configure_logging() -> None:
-    """npas-tvm's warnings (a pruned layer left dense...) as ``npas-tvm: warning: ...``."""
+    """npas-tvm's warnings (a pruned layer left dense...) as ``npas-tvm: warning: ...``.
+
+    The logger keeps propagating, so an application's (or pytest's) root handlers
+    still see every record; the CLI's own handler is added once.
+    """
     log = logging.getLogger("npas_tvm")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(_LowerCaseLevel("npas-tvm: %(levelname)s: %(message)s"))
         log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-        log.propagate = False
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
