@@ -1,0 +1,275 @@
+"""One search run end to end, as ``npas-tvm search`` drives it.
+
+::
+
+    model --> layers --> action space (search.space) --> latency model (search.latency)
+      |                                                         |
+      +--> torch module + data --> dense training --> AccuracyEvaluator
+                                                                |
+    strategies (npas, then baselines) --> SearchLog (resumable) --> outputs in OUT/
+
+Outputs in ``OUT``: ``plan.json`` (the best plan, for ``compile --npas``),
+``model.pruned.onnx`` (its fine-tuned weights, pruned), ``weights.pt`` (the same as a
+torch state dict), ``search_log.jsonl`` (every evaluation; re-running continues it),
+``pareto.png`` and ``summary.md``. The dense starting point is trained once and kept in
+``OUT/dense.pt``; the latency model is built once per target in ``OUT/latency/`` (or a
+shared ``latency_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from npas_tvm.errors import NpasError
+from npas_tvm.plan import Plan, save_plan
+from search.driver import (
+    STRATEGIES, Evaluation, SearchContext, SearchError, SearchLog, best_of, run_strategy,
+    space_digest)
+
+SMALL_INPUT = 64
+"""Models whose input side is above this train at ``DEFAULT_RESOLUTION`` (see below)."""
+DEFAULT_RESOLUTION = 32
+"""Accuracy is estimated at a small input size for big-input models (MobileNetV2's
+224x224): the zoo models are fully convolutional with global pooling, so the weights
+trained at 32x32 are the weights compiled at 224x224, and a fine-tune costs 49x less.
+The latency model always uses the ONNX model's own input size."""
+
+
+@dataclass
+class SearchConfig:
+    model: str                      # a zoo name or an ONNX path
+    out: str
+    target: str = "host"
+    data: str = "digits"
+    budget: int = 30                # accuracy evaluations per strategy
+    latency_ms: float | None = None  # None: half the dense model's predicted latency
+    baselines: Sequence[str] = ()
+    method: str = "magnitude"
+    epochs: int = 3
+    patience: int = 1
+    dense_epochs: int = 8
+    resolution: int | None = None
+    latency_samples: int | None = None
+    latency_dir: str | None = None
+    replace_ops: bool = False
+    measure: bool = True
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class SearchOutcome:
+    config: SearchConfig
+    budget_ms: float
+    dense_ms: float
+    dense_accuracy: float
+    evaluations: dict[str, list[Evaluation]]
+    best: Evaluation | None
+    plan_path: str | None = None
+    onnx_path: str | None = None
+    measured_ms: float | None = None
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+    context: SearchContext | None = None
+
+    def best_of(self, source: str) -> Evaluation | None:
+        return best_of(self.evaluations.get(source, []))
+
+
+def _model_files(config: SearchConfig, num_classes: int):
+    """(ONNX path for latency and layers, torch module, ONNX name -> torch name)."""
+    from search.accuracy import torch_model_for
+    from npas_tvm.zoo import ZOO_NAMES, export_onnx, zoo_entry
+
+    module, names = torch_model_for(config.model, num_classes, seed=config.seed)
+    if config.model in ZOO_NAMES:
+        path = os.path.join(config.out, "model.onnx")
+        if not os.path.exists(path):
+            export_onnx(module, path, zoo_entry(config.model).input_shape)
+        return path, module, names
+    return config.model, module, names
+
+
+def _train_shape(onnx_input: Sequence[int], resolution: int | None) -> tuple[int, int, int]:
+    channels, height, width = (int(d) for d in onnx_input[1:4])
+    if resolution is None:
+        resolution = height if max(height, width) <= SMALL_INPUT else DEFAULT_RESOLUTION
+        return channels, (resolution if height > SMALL_INPUT else height), \
+            (resolution if width > SMALL_INPUT else width)
+    return channels, resolution, resolution
+
+
+def run_search(config: SearchConfig, say=print) -> SearchOutcome:
+    """Run (or continue) the search and write its outputs; ``say`` prints progress lines."""
+    import torch
+
+    from npas_tvm.layers import load_model_layers
+    from npas_tvm.targets import resolve_target
+    from search.accuracy import AccuracyEvaluator
+    from search.data import load_dataset
+    from search.latency import build_latency_model
+    from search.rule_mapper import RuleTarget
+    from search.space import plan_from_choices, search_space
+
+    for name in config.baselines:
+        if name not in STRATEGIES or name == "npas":
+            raise SearchError(f"--baselines: unknown baseline {name!r} (choose from "
+                              "rule, random)")
+    if config.budget < 1:
+        raise SearchError(f"--budget {config.budget}: must be at least 1 evaluation")
+    start = time.perf_counter()
+    os.makedirs(config.out, exist_ok=True)
+    spec = resolve_target(config.target)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    # The data decides the classifier's width, so it comes first.
+    probe_shape = _probe_input_shape(config.model)
+    train_shape = _train_shape(probe_shape, config.resolution)
+    data = load_dataset(config.data, train_shape, seed=config.seed)
+    onnx_path, module, weight_names = _model_files(config, data.num_classes)
+    if config.replace_ops:
+        from search.replace_ops import replace_mobile_unfriendly
+
+        module, replaced = replace_mobile_unfriendly(module)
+        say(f"phase 1: replaced {len(replaced)} mobile-unfriendly op(s)"
+            + (": " + ", ".join(str(r) for r in replaced[:6]) if replaced else ""))
+    _, layers = load_model_layers(onnx_path)
+    target = RuleTarget.for_spec(spec)
+    space = search_space(layers, target)
+    searchable = sum(len(actions) > 1 for actions in space.values())
+    say(f"{config.model}: {len(layers)} prunable layers, {searchable} searchable; target "
+        f"{spec.name}; accuracy on {data.name} at {train_shape[1]}x{train_shape[2]} "
+        f"({len(data.y_train)} train / {len(data.y_val)} val)")
+
+    latency_dir = config.latency_dir or os.path.join(config.out, "latency")
+    latency_model = build_latency_model(
+        onnx_path, config.target, latency_dir, samples=config.latency_samples,
+        rpc_tracker=config.rpc_tracker, rpc_key=config.rpc_key, progress=config.progress,
+        seed=config.seed)
+    cache: dict[tuple, float] = {}
+
+    def latency(plan: Plan) -> float:
+        key = tuple(sorted((n, repr(s)) for n, s in plan.layers.items()))
+        if key not in cache:
+            cache[key] = float(latency_model.predict_plan(layers, plan))
+        return cache[key]
+
+    dense_choices = [0] * len(space)
+    dense_ms = latency(plan_from_choices(space, dense_choices))
+    budget_ms = config.latency_ms if config.latency_ms else 0.5 * dense_ms
+    say(f"latency: dense {dense_ms:.2f} ms predicted; budget {budget_ms:.2f} ms"
+        + ("" if config.latency_ms else " (half the dense model's; set --latency-ms)"))
+
+    log = SearchLog(os.path.join(config.out, "search_log.jsonl"), {
+        "model": os.path.basename(config.model), "target": spec.name,
+        "space": space_digest(space), "budget_ms": round(budget_ms, 6), "data": config.data,
+        "method": config.method, "seed": config.seed})
+    if log.evaluations:
+        say(f"continuing {log.path}: {len(log.evaluations)} evaluations already logged")
+
+    evaluator = AccuracyEvaluator(module, weight_names, data, method=config.method,
+                                  epochs=config.epochs, patience=config.patience,
+                                  threads=config.threads, progress=config.progress,
+                                  seed=config.seed)
+    dense_accuracy = evaluator.train_dense(config.dense_epochs,
+                                           checkpoint=os.path.join(config.out, "dense.pt"))
+    if "dense" not in log.notes:
+        log.note("dense", accuracy=dense_accuracy, latency_ms=dense_ms)
+    say(f"dense model: {100 * dense_accuracy:.2f}% validation accuracy")
+
+    context = SearchContext(space, latency, budget_ms, seed=config.seed, layers=layers,
+                            target=target, weights=_param_shares(layers))
+    weights_path = os.path.join(config.out, "weights.pt")
+    plan_path = os.path.join(config.out, "plan.json")
+
+    def keep_best(evaluation: Evaluation, result) -> None:
+        incumbent = best_of(log.of("npas"))
+        if incumbent is None or (evaluation.reward, -evaluation.latency_ms) > \
+                (incumbent.reward, -incumbent.latency_ms):
+            torch.save(result.state_dict, weights_path + ".tmp")
+            os.replace(weights_path + ".tmp", weights_path)
+            _save_plan(context, evaluation, plan_path, budget_ms, config)
+
+    evaluations = {"npas": run_strategy("npas", context, evaluator.evaluate, config.budget,
+                                        log, progress=config.progress,
+                                        on_evaluated=keep_best)}
+    for name in config.baselines:
+        evaluations[name] = run_strategy(name, context, evaluator.evaluate, config.budget,
+                                         log, progress=config.progress)
+    best = best_of(evaluations["npas"])
+    outcome = SearchOutcome(config, budget_ms, dense_ms, dense_accuracy, evaluations, best,
+                            context=context)
+    if best is not None:
+        _save_plan(context, best, plan_path, budget_ms, config)
+        outcome.plan_path = plan_path
+        state = torch.load(weights_path, weights_only=True)
+        outcome.onnx_path = evaluator.export_onnx(
+            state, os.path.join(config.out, "model.pruned.onnx"), tuple(probe_shape))
+        if config.measure:
+            outcome.measured_ms = _measured(config, onnx_path, context, best, log)
+    from search.pareto import plot_pareto
+    from search.report import summary_table
+
+    every = [e for group in evaluations.values() for e in group]
+    pareto = plot_pareto(every, os.path.join(config.out, "pareto.png"), budget_ms=budget_ms,
+                         chosen=best, dense=(dense_ms, dense_accuracy),
+                         title=f"{os.path.basename(config.model)} on {spec.name}: "
+                               f"{len(every)} evaluated plans")
+    outcome.seconds = time.perf_counter() - start
+    summary = summary_table(outcome)
+    with open(os.path.join(config.out, "summary.md"), "w", encoding="utf-8") as handle:
+        handle.write(summary + "\n")
+    outcome.files = [p for p in (plan_path, outcome.onnx_path, weights_path, log.path, pareto,
+                                 os.path.join(config.out, "summary.md")) if p]
+    return outcome
+
+
+def _probe_input_shape(model: str) -> tuple[int, ...]:
+    from npas_tvm.zoo import ZOO_NAMES, zoo_entry
+
+    if model in ZOO_NAMES:
+        return zoo_entry(model).input_shape
+    from npas_tvm.model_io import load_onnx
+
+    loaded = load_onnx(model, None, check_ops=False)
+    shape = next(iter(loaded.input_shapes.values()))
+    if len(shape) != 4:
+        raise NpasError(f"{model}: the search takes image models (an NCHW input); the "
+                        f"first input has shape {tuple(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def _param_shares(layers) -> dict[str, float]:
+    total = sum(layer.params for layer in layers) or 1
+    return {layer.name: layer.params / total for layer in layers}
+
+
+def _save_plan(context: SearchContext, evaluation: Evaluation, path: str, budget_ms: float,
+               config: SearchConfig) -> None:
+    plan = context.plan(evaluation.choices, "search")
+    plan.meta.update({"source": "search", "strategy": evaluation.source,
+                      "accuracy": round(evaluation.accuracy, 5),
+                      "predicted_ms": round(evaluation.latency_ms, 4),
+                      "budget_ms": round(budget_ms, 4), "target": config.target,
+                      "data": config.data, "method": config.method})
+    save_plan(plan, path)
+
+
+def _measured(config: SearchConfig, onnx_path: str, context: SearchContext,
+              best: Evaluation, log: SearchLog) -> float:
+    """The chosen plan's end-to-end latency, measured once (kept in the log)."""
+    from search.latency import measure_plan_ms
+
+    key = f"measured:{','.join(map(str, best.choices))}"
+    if key not in log.notes:
+        value = measure_plan_ms(onnx_path, context.plan(best.choices, "search"), config.target,
+                                rpc_tracker=config.rpc_tracker, rpc_key=config.rpc_key)
+        log.note(key, latency_ms=float(value))
+    return float(log.notes[key]["latency_ms"])
