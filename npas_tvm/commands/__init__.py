@@ -4,4 +4,4 @@ A new command is a module here plus its name in :data:`COMMANDS`.
 """
 
 COMMANDS = ("compile", "targets", "zoo", "demo", "device", "bench", "profile", "plan", "prune",
-            "inspect", "tune", "search")
+            "inspect", "tune", "search", "latency")
