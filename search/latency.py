@@ -313,10 +313,11 @@ def descriptor_features(geometry: Geometry, spec: SchemeSpec, lanes: int,
 
 
 def _linear_basis(descriptors: np.ndarray) -> np.ndarray:
-    """The least-squares part's inputs: 1, log2 dense MACs, log2 kept MACs, log2 output
-    and input elements."""
+    """The least-squares part's inputs: 1, log2 dense MACs, log2 kept MACs (adding the
+    tensors' sizes made held-out layers' errors explode: a few layers per fit leave
+    them collinear)."""
     d = np.atleast_2d(descriptors)
-    return np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1], d[:, 14], d[:, 15]])
+    return np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1]])
 
 
 # ------------------------------------------------------------------ the model
@@ -341,7 +342,7 @@ class LatencyModel:
         self.lanes = lanes
         self.base_ms = 0.0
         self.scale = 1.0  # in-model / isolated kernel time (see calibrate)
-        self.coef = np.zeros(5)
+        self.coef = np.zeros(3)
         self.booster = None
         self.geometries: dict[str, Geometry] = {}  # by layer name
         self.features: dict[str, list[float]] = {}  # by record key
