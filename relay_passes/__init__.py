@@ -27,6 +27,7 @@ from relay_passes.canonicalize import ClampCallTIRToOps
 from relay_passes.layout import BlockedConvLayout, LegalizeBlockedConv2d
 from relay_passes.lower_sparse import LoweredLayer, LowerToSparseKernels
 from relay_passes.remove_filters import RemoveFilters
+from relay_passes.replace_activations import ReplaceMobileUnfriendlyOps
 from relay_passes.schedule import ScheduleDenseCPU
 from relay_passes.sparse_kernels import SparseKernel, register_sparse_kernel
 from relay_passes.weights import BindAttachedParams
@@ -34,7 +35,8 @@ from relay_passes.weights import BindAttachedParams
 __all__ = ["AnnotatePruning", "DetectSparsity", "ApplyPruning", "LowerToSparseKernels",
            "LoweredLayer", "RemoveFilters", "BindAttachedParams", "SparseKernel", "register_sparse_kernel",
            "ClampCallTIRToOps", "BlockedConvLayout", "LegalizeBlockedConv2d",
-           "ScheduleDenseCPU", "dense_cpu_passes", "dense_cpu_pipeline"]
+           "ScheduleDenseCPU", "dense_cpu_passes", "dense_cpu_pipeline",
+           "ReplaceMobileUnfriendlyOps"]
 
 
 def dense_cpu_passes(spec, on_layer=None, tuning_db=None) -> list:
