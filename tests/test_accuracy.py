@@ -233,6 +233,18 @@ def test_onnx_model_through_onnx2torch(tmp_path):
     result = evaluator.evaluate(plan)
     _, layers = load_model_layers(path)
     assert _check_masks(result.state_dict, names, plan, layers) == 3
+    # Exported back under the original ONNX names, the same function.
+    import onnxruntime as ort
+
+    out = evaluator.export_onnx(result.state_dict, str(tmp_path / "out.onnx"), (1, 3, 12, 12))
+    _, exported = load_model_layers(out)
+    assert [layer.name for layer in exported] == [layer.name for layer in layers]
+    model.load_state_dict(result.state_dict)
+    with torch.no_grad():
+        expected = model.eval()(data.x_val[:1]).numpy()
+    got = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(
+        None, {"input": data.x_val[:1].numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_unconvertible_or_missing_models_are_clear_errors(tmp_path):
