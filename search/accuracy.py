@@ -17,7 +17,8 @@ this fine-tune agree on what a scheme keeps.
 
 Pruning algorithms (``method``):
 
-* ``magnitude``: one-shot magnitude pruning with the scheme's mask, then masked
+* ``magnitude``: one-shot magnitude pruning with the scheme's mask, BatchNorm statistics
+  re-estimated on a few batches (they alone recover most of the prune's loss), then masked
   fine-tuning (the masks are re-applied after every step, gradients of removed weights
   are zeroed so momentum cannot revive them).
 * ``admm``: ADMM-regularized training first (Zhang et al., ECCV'18; NPAS phase 3): the
@@ -230,13 +231,29 @@ class _Target:
 
 
 class AccuracyEvaluator:
-    """Accuracy of a pruning plan after one-shot pruning and a short masked fine-tune."""
+    """Accuracy of a pruning plan after one-shot pruning and a short masked fine-tune.
+
+    ``model`` / ``weight_names``: from :func:`torch_model_for`. ``data``: a
+    ``search.data.Dataset``. ``method``: ``magnitude`` or ``admm``. A fine-tune runs
+    ``epochs`` epochs of ``steps_per_epoch`` batches (``None``: whole passes over the
+    training split) with SGD (Nesterov momentum, cosine decay from ``lr``), stopping after
+    ``patience`` epochs without a better validation accuracy. ADMM adds ``admm_epochs``
+    epochs with penalty ``rho`` before the hard prune. ``bn_batches`` forward batches
+    re-estimate BatchNorm statistics right after the prune. ``threads`` sets torch's
+    intra-op threads; ``progress`` shows tqdm bars; ``seed`` fixes data order,
+    augmentation (random shifts, ``augment``) and initialization.
+
+    The defaults aim at a search's budget: on 2 cores, vgg_cifar on digits at 32x32
+    evaluates a plan in about 10 s (3 x 8 steps) within a point or two of dense at 3x;
+    a final plan deserves ``evaluate(plan, epochs=10, steps_per_epoch=0)``.
+    """
 
     def __init__(self, model, weight_names: dict[str, str], data, *, method: str = "magnitude",
-                 epochs: int = 3, patience: int = 1, batch_size: int = 64, lr: float = 0.01,
+                 epochs: int = 3, patience: int = 1, batch_size: int = 64, lr: float = 0.03,
                  threads: int | None = None, progress: bool = True, seed: int = 0,
-                 admm_epochs: int = 2, rho: float = 0.01, steps_per_epoch: int | None = None,
-                 dense_lr: float = 0.05, weight_decay: float = 5e-4, augment: bool = True):
+                 admm_epochs: int = 2, rho: float = 0.01, steps_per_epoch: int | None = 8,
+                 dense_lr: float = 0.05, weight_decay: float = 5e-4, augment: bool = True,
+                 bn_batches: int = 4):
         import torch
 
         if method not in METHODS:
@@ -251,6 +268,7 @@ class AccuracyEvaluator:
         self.progress, self.seed = progress, int(seed)
         self.admm_epochs, self.rho = int(admm_epochs), float(rho)
         self.steps_per_epoch = steps_per_epoch
+        self.bn_batches = int(bn_batches)
         self.dense_accuracy: float | None = None
         self._base: dict | None = None
         params = dict(model.named_parameters())
@@ -312,34 +330,39 @@ class AccuracyEvaluator:
 
     # ------------------------------------------------------------ evaluate
 
-    def evaluate(self, plan, *, epochs: int | None = None) -> EvalResult:
+    def evaluate(self, plan, *, epochs: int | None = None,
+                 steps_per_epoch: int | None = None) -> EvalResult:
         """Prune a copy of the dense model by ``plan`` and fine-tune it (masked, early
-        stopping on validation accuracy); the best epoch's accuracy and weights."""
+        stopping on validation accuracy); the best epoch's accuracy and weights.
+        ``epochs`` / ``steps_per_epoch`` override the evaluator's (0 steps: whole epochs)."""
         import torch
 
         if self._base is None:
             raise NpasError("evaluate: no dense model yet; call train_dense() first")
         start = time.perf_counter()
         epochs = self.epochs if epochs is None else int(epochs)
+        cap = self.steps_per_epoch if steps_per_epoch is None else (steps_per_epoch or None)
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed + 1)
         self.model.load_state_dict(self._base)
         targets, skipped = self._targets(plan)
         if self.method == "admm" and targets:
-            self._admm(targets, generator)
+            self._admm(targets, generator, cap)
         masks = {t.name: t.mask_for(t.param) for t in targets}
         self._apply(targets, masks)
+        if targets:
+            self._recalibrate_batchnorm()
         history: list[float] = []
         best, best_state = -1.0, None
         if targets and epochs > 0:
             optimizer = self._optimizer(self.lr)
-            steps = self._steps(self.steps_per_epoch) * epochs
+            steps = self._steps(cap) * epochs
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
             stale = 0
             for epoch in range(epochs):
                 self._train_epoch(optimizer, schedule, generator, (targets, masks),
-                                  f"fine-tune {epoch + 1}/{epochs}", self.steps_per_epoch)
+                                  f"fine-tune {epoch + 1}/{epochs}", cap)
                 accuracy = self.accuracy()
                 history.append(accuracy)
                 if accuracy > best:
@@ -380,7 +403,7 @@ class AccuracyEvaluator:
             targets.append(_Target(name, param, spec, is_t))
         return targets, skipped
 
-    def _admm(self, targets, generator) -> None:
+    def _admm(self, targets, generator, cap: int | None) -> None:
         """ADMM-regularized training toward each layer's scheme projection."""
         import torch
 
@@ -388,7 +411,7 @@ class AccuracyEvaluator:
             u = {t.name: torch.zeros_like(t.param) for t in targets}
             z = {t.name: t.param * t.mask_for(t.param) for t in targets}
         optimizer = self._optimizer(self.lr)
-        steps = self._steps(self.steps_per_epoch)
+        steps = self._steps(cap)
         update_every = max(1, steps // 2)
         state = {"step": 0}
 
@@ -408,7 +431,7 @@ class AccuracyEvaluator:
 
         for epoch in range(self.admm_epochs):
             self._train_epoch(optimizer, None, generator, None,
-                              f"admm {epoch + 1}/{self.admm_epochs}", self.steps_per_epoch,
+                              f"admm {epoch + 1}/{self.admm_epochs}", cap,
                               regularizer, after_step)
 
     # ------------------------------------------------------------ training pieces
@@ -481,6 +504,32 @@ class AccuracyEvaluator:
             if self.progress:
                 bar.set_postfix(loss=f"{total / (step + 1):.3f}")
         return total / max(steps, 1)
+
+    def _recalibrate_batchnorm(self) -> None:
+        """Re-estimate BatchNorm statistics on ``bn_batches`` training batches (no
+        gradients): pruning shifts every later layer's activation statistics, and fresh
+        statistics alone recover most of a one-shot prune's loss (vgg_cifar, rule plan
+        at 3x: from chance to within a few points of dense) for a few forward passes."""
+        import torch
+
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.bn_batches <= 0:
+            return
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        self.model.train()
+        generator = torch.Generator().manual_seed(self.seed + 2)
+        order = torch.randperm(len(self.data.y_train), generator=generator)
+        with torch.no_grad():
+            for step in range(self.bn_batches):
+                index = order[step * self.batch_size:(step + 1) * self.batch_size]
+                if len(index):
+                    self.model(self._batch(self.data.x_train[index]))
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
     @staticmethod
     def _apply(targets, masks) -> None:

@@ -139,7 +139,8 @@ def test_masks_hold_after_magnitude_fine_tune(vgg):
     assert _check_masks(result.state_dict, evaluator.weight_names, plan, layers) >= 5
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_masks_hold_for_any_plan_of_the_space(vgg, data):
     evaluator, layers, _, _ = vgg
