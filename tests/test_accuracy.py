@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from npas_tvm.layers import load_model_layers  # noqa: E402
 from npas_tvm.plan import Plan  # noqa: E402
 from npas_tvm.schemes import satisfies, spec_from_json  # noqa: E402
-from search.accuracy import AccuracyEvaluator, torch_model_for  # noqa: E402
+from search.accuracy import AccuracyEvaluator, fast_settings, torch_model_for  # noqa: E402
 from search.data import DataError, Dataset, load_dataset  # noqa: E402
 from search.rule_mapper import rule_plan, uniform_plan  # noqa: E402
 from search.space import plan_from_choices, search_space  # noqa: E402
@@ -129,6 +129,14 @@ def _check_masks(state_dict, names, plan, layers):
 def test_zoo_names_are_the_onnx_plan_keys(vgg):
     evaluator, layers, _, _ = vgg
     assert set(evaluator.weight_names) == {layer.name for layer in layers}
+
+
+def test_fast_settings_are_evaluator_arguments(vgg):
+    evaluator, _, _, _ = vgg
+    for name in ("vgg_cifar", "mobilenet_v2"):
+        AccuracyEvaluator(evaluator.model, evaluator.weight_names, evaluator.data,
+                          progress=False, **fast_settings(name))
+    assert fast_settings("model.onnx") == {}
 
 
 def test_masks_hold_after_magnitude_fine_tune(vgg):
