@@ -147,6 +147,16 @@ def test_masks_hold_after_magnitude_fine_tune(vgg):
     assert _check_masks(result.state_dict, evaluator.weight_names, plan, layers) >= 5
 
 
+def test_evaluate_is_deterministic(vgg):
+    evaluator, layers, _, _ = vgg
+    plan = uniform_plan(layers, 5.0)
+    first = evaluator.evaluate(plan, epochs=1, steps_per_epoch=2)
+    second = evaluator.evaluate(plan, epochs=1, steps_per_epoch=2)
+    assert first.accuracy == second.accuracy
+    for key, value in first.state_dict.items():
+        assert torch.equal(second.state_dict[key], value), key
+
+
 @settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
