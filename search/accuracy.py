@@ -561,7 +561,7 @@ class AccuracyEvaluator:
                 t.param.mul_(masks[t.name])
 
     def accuracy(self, batch_size: int = 256) -> float:
-        """Validation accuracy (%) of the model's current weights."""
+        """Validation accuracy (a fraction, 0..1) of the model's current weights."""
         import torch
 
         self.model.eval()
@@ -571,7 +571,7 @@ class AccuracyEvaluator:
                 x = self._batch(self.data.x_val[start:start + batch_size])
                 prediction = self.model(x).argmax(dim=1)
                 correct += int((prediction == self.data.y_val[start:start + batch_size]).sum())
-        return 100.0 * correct / max(len(self.data.y_val), 1)
+        return correct / max(len(self.data.y_val), 1)
 
     # ------------------------------------------------------------ export
 

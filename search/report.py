@@ -24,8 +24,8 @@ def summary_table(outcome) -> str:
              f"(dense {outcome.dense_ms:.2f} ms), {outcome.config.budget} evaluations per "
              f"strategy, {outcome.seconds / 60:.1f} min",
              "",
-             "| plan | evaluations | accuracy | vs dense (points) | predicted ms | meets budget "
-             "| weights rate |",
+             "| plan | evaluations (min) | accuracy | vs dense (points) | predicted ms "
+             "| meets budget | weights rate |",
              "|---|---:|---:|---:|---:|---|---:|",
              f"| dense | - | {100 * dense:.2f}% | 0.00 | {outcome.dense_ms:.2f} | "
              f"{'yes' if outcome.dense_ms <= outcome.budget_ms else 'no'} | 1.00x |"]
@@ -35,8 +35,15 @@ def summary_table(outcome) -> str:
             continue
         label = "search (npas)" if source == "npas" else f"{source} baseline"
         lines.append(
-            f"| {label} | {len(evaluations)} | {100 * best.accuracy:.2f}% | "
+            f"| {label} | {len(evaluations)} "
+            f"({sum(e.seconds for e in evaluations) / 60:.1f}) | {100 * best.accuracy:.2f}% | "
             f"{100 * (best.accuracy - dense):+.2f} | {best.latency_ms:.2f} | "
+            f"{'yes' if best.meets else 'no'} | {plan_rate(outcome.context, best):.2f}x |")
+    if outcome.final_accuracy is not None and outcome.best is not None:
+        best = outcome.best
+        lines.append(
+            f"| search (npas), final fine-tune | - | {100 * outcome.final_accuracy:.2f}% | "
+            f"{100 * (outcome.final_accuracy - dense):+.2f} | {best.latency_ms:.2f} | "
             f"{'yes' if best.meets else 'no'} | {plan_rate(outcome.context, best):.2f}x |")
     if outcome.measured_ms is not None and outcome.best is not None:
         lines += ["", f"Chosen plan measured end to end: {outcome.measured_ms:.2f} ms "

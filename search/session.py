@@ -29,9 +29,9 @@ from search.driver import (
     STRATEGIES, Evaluation, SearchContext, SearchError, SearchLog, best_of, run_strategy,
     space_digest)
 
-MIN_RESOLUTION = 16
+MIN_RESOLUTION = 32
 """Accuracy is estimated at a small input size: the smallest multiple of the model's total
-stride that is at least this (16x16 for the CIFAR-style VGG, 32x32 for MobileNetV2, whose
+stride that is at least this (32x32 for the CIFAR-style VGG and for MobileNetV2, whose
 stride is 32), never above the model's own input. The zoo models are fully convolutional
 with global pooling, so weights trained small are the weights compiled at the ONNX input
 size, and a fine-tune costs (224/32)^2 = 49x less for MobileNetV2. Digits are 8x8 images,
@@ -48,9 +48,10 @@ class SearchConfig:
     latency_ms: float | None = None  # None: half the dense model's predicted latency
     baselines: Sequence[str] = ()
     method: str = "magnitude"
-    epochs: int = 3
-    patience: int = 1
-    dense_epochs: int = 8
+    epochs: int | None = None        # None: the evaluator's fast settings for the model
+    patience: int | None = None
+    dense_epochs: int = 15
+    final_epochs: int = 10           # whole epochs of the chosen plan's last fine-tune
     resolution: int | None = None
     latency_samples: int | None = None
     latency_dir: str | None = None
@@ -71,6 +72,7 @@ class SearchOutcome:
     dense_accuracy: float
     evaluations: dict[str, list[Evaluation]]
     best: Evaluation | None
+    final_accuracy: float | None = None
     plan_path: str | None = None
     onnx_path: str | None = None
     measured_ms: float | None = None
@@ -113,7 +115,7 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
 
     from npas_tvm.layers import load_model_layers
     from npas_tvm.targets import resolve_target
-    from search.accuracy import AccuracyEvaluator
+    from search.accuracy import AccuracyEvaluator, fast_settings
     from search.data import load_dataset
     from search.latency import build_latency_model
     from search.rule_mapper import RuleTarget
@@ -177,10 +179,14 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
     if log.evaluations:
         say(f"continuing {log.path}: {len(log.evaluations)} evaluations already logged")
 
+    settings = fast_settings(config.model)
+    if config.epochs is not None:
+        settings["epochs"] = config.epochs
+    if config.patience is not None:
+        settings["patience"] = config.patience
     evaluator = AccuracyEvaluator(module, weight_names, data, method=config.method,
-                                  epochs=config.epochs, patience=config.patience,
                                   threads=config.threads, progress=config.progress,
-                                  seed=config.seed)
+                                  seed=config.seed, **settings)
     dense_accuracy = evaluator.train_dense(config.dense_epochs,
                                            checkpoint=os.path.join(config.out, "dense.pt"))
     if "dense" not in log.notes:
@@ -212,6 +218,9 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
     if best is not None:
         _save_plan(context, best, plan_path, budget_ms, config)
         outcome.plan_path = plan_path
+        if config.final_epochs:
+            outcome.final_accuracy = _final_fine_tune(config, context, evaluator, best, log,
+                                                      weights_path, say)
         state = torch.load(weights_path, weights_only=True)
         outcome.onnx_path = evaluator.export_onnx(
             state, os.path.join(config.out, "model.pruned.onnx"), tuple(probe_shape))
@@ -276,6 +285,24 @@ def _save_plan(context: SearchContext, evaluation: Evaluation, path: str, budget
                       "budget_ms": round(budget_ms, 4), "target": config.target,
                       "data": config.data, "method": config.method})
     save_plan(plan, path)
+
+
+def _final_fine_tune(config: SearchConfig, context: SearchContext, evaluator, best: Evaluation,
+                     log: SearchLog, weights_path: str, say) -> float:
+    """The chosen plan fine-tuned longer (whole epochs) from the dense model: the search
+    ranks plans by a short fine-tune, the delivered weights deserve a full one. Kept in
+    the log and in ``weights.pt``, so a re-run does not repeat it."""
+    import torch
+
+    key = f"final:{','.join(map(str, best.choices))}:{config.final_epochs}"
+    if key not in log.notes:
+        say(f"final fine-tune of the chosen plan: {config.final_epochs} epochs")
+        result = evaluator.evaluate(context.plan(best.choices, "search"),
+                                    epochs=config.final_epochs, steps_per_epoch=0)
+        torch.save(result.state_dict, weights_path + ".tmp")
+        os.replace(weights_path + ".tmp", weights_path)
+        log.note(key, accuracy=float(result.accuracy), epochs=int(result.epochs))
+    return float(log.notes[key]["accuracy"])
 
 
 def _measured(config: SearchConfig, onnx_path: str, context: SearchContext,

@@ -35,10 +35,13 @@ def register(subparsers, common) -> None:
                              "rule,random")
     parser.add_argument("--method", choices=("magnitude", "admm"), default="magnitude",
                         help="pruning algorithm before the masked fine-tune")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="fine-tuning epochs per evaluation (early stopping)")
-    parser.add_argument("--dense-epochs", type=int, default=8,
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs per evaluation, early stopping (default: "
+                             "measured settings per zoo model)")
+    parser.add_argument("--dense-epochs", type=int, default=15,
                         help="epochs of the dense starting point (trained once, kept)")
+    parser.add_argument("--final-epochs", type=int, default=10,
+                        help="whole epochs of the chosen plan's final fine-tune (0: none)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="training input size (default: the model's, or 32 above 64)")
     parser.add_argument("--latency-samples", type=int, default=None,
@@ -70,8 +73,9 @@ def run(args) -> int:
         raise NpasError("--rpc-tracker and --rpc-key go together")
     if args.latency_ms is not None and args.latency_ms <= 0:
         raise NpasError(f"--latency-ms {args.latency_ms}: must be positive")
-    if args.epochs < 1 or args.dense_epochs < 0:
-        raise NpasError("--epochs must be >= 1 and --dense-epochs >= 0")
+    if (args.epochs is not None and args.epochs < 1) or args.dense_epochs < 0 \
+            or args.final_epochs < 0:
+        raise NpasError("--epochs must be >= 1, --dense-epochs and --final-epochs >= 0")
     if args.restart and os.path.exists(os.path.join(args.out, "search_log.jsonl")):
         os.remove(os.path.join(args.out, "search_log.jsonl"))
         shutil.rmtree(os.path.join(args.out, "latency"), ignore_errors=True)
@@ -80,6 +84,7 @@ def run(args) -> int:
         model=args.model, out=args.out, target=args.target, data=args.data,
         budget=args.budget, latency_ms=args.latency_ms, baselines=baselines,
         method=args.method, epochs=args.epochs, dense_epochs=args.dense_epochs,
+        final_epochs=args.final_epochs,
         resolution=args.resolution, latency_samples=args.latency_samples,
         latency_dir=args.latency_dir, replace_ops=args.replace_ops,
         measure=not args.no_measure, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
