@@ -32,11 +32,10 @@ setup(
         # benchmarks/engines.py: the pip wrapper's telemetry never runs).
         "test": ["pytest>=8", "hypothesis>=6.100", "pyopencl>=2024.1", "MNN==3.6.1"],
         "bench": ["MNN==3.6.1"],
-        # The search fine-tunes user ONNX models through onnx2torch. It is not listed here:
+        # The search fine-tunes user ONNX models through onnx2torch, which is not listed:
         # it requires torchvision, and PyPI's torchvision wheels do not load with the CPU
-        # torch pinned above; .ci/setup installs it with --no-deps (it imports torchvision
-        # only for NMS / RoiAlign, which search/accuracy.py stubs out).
-        "search": [],
+        # torch pinned above. `pip install --no-deps onnx2torch` (as .ci/setup does): it
+        # imports torchvision only for NMS / RoiAlign, which search/accuracy.py stubs out.
     },
     entry_points={"console_scripts": ["npas-tvm=npas_tvm.cli:main"]},
 )
