@@ -53,7 +53,10 @@ def spec_for(scheme: str, rate: float, lanes: int = 4):
     return spec_type(**fields)
 
 
-def measure(layer, scheme: str, rate: float, device: str, work: str) -> dict | None:
+def measure(layer, scheme: str, rate: float, device: str, work: str,
+            stage_input="auto", runner_out: list | None = None) -> dict | None:
+    """One row of the table (None if ``scheme`` has no OpenCL kernel); ``stage_input``
+    as :func:`relay_passes.gpu.gpu_pipeline`'s; ``runner_out`` receives the runner."""
     import tvm
 
     from npas_tvm.compiler import import_onnx
@@ -77,9 +80,12 @@ def measure(layer, scheme: str, rate: float, device: str, work: str) -> dict | N
     pruned = write_pruned_onnx(model, attached_params(mod["main"]),
                                os.path.join(work, "pruned.onnx"))
     target, rows = resolve_target(device), []
-    runner = OpenCLModel(mod, target.tvm_target, gpu_pipeline(target, rows.append))
+    runner = OpenCLModel(mod, target.tvm_target, gpu_pipeline(target, rows.append,
+                                                               stage_input))
     if not rows or rows[0].kernel is None:
         return None
+    if runner_out is not None:
+        runner_out.append(runner)
     inputs = pruned.random_inputs()
     check = compare(runner.run(list(inputs.values())), run_onnxruntime(pruned.proto, inputs))
     launches = [k for k in runner.kernels.values() if rows[0].kernel and "sparse" in k.name
@@ -91,7 +97,18 @@ def measure(layer, scheme: str, rate: float, device: str, work: str) -> dict | N
             "kernel": launch.name, "work_items": launch.work_items,
             "work_group": launch.local_size[0], "mflop": flops / 1e6, "kb_moved": moved / 1e3,
             "flop_per_byte": flops / max(moved, 1), "max_rel_err": check.max_rel,
-            "ok": check.ok}
+            "staged": _staged(runner.source, launch.name), "ok": check.ok}
+
+
+def _staged(source: str, kernel: str) -> bool:
+    """Whether ``kernel`` stages a tile in ``__local`` memory."""
+    import re
+
+    match = re.search(rf"__kernel\s+void\s+{kernel}\s*\([^)]*\)\s*\{{", source)
+    if match is None:
+        return False
+    end = source.find("__kernel", match.end())
+    return "__local" in source[match.end():end if end >= 0 else len(source)]
 
 
 def main(argv=None) -> int:

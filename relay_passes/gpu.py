@@ -26,15 +26,18 @@ class ScheduleSparseGPU:
     them alone. Other kernels are untouched.
     """
 
-    def __init__(self, max_threads: int = 256):
-        self.max_threads = max_threads
+    def __init__(self, max_threads: int = 256, config=None):
+        from tir_schedules.sparse_gpu import GpuScheduleConfig
+
+        self.config = config or GpuScheduleConfig(max_threads)
+        self.max_threads = self.config.max_threads
 
     def transform_module(self, mod, ctx):
         from relay_passes.schedule import schedule_unscheduled
         from tir_schedules.sparse_gpu import schedule_sparse_gpu
 
-        return schedule_unscheduled(mod, lambda func: schedule_sparse_gpu(func,
-                                                                          self.max_threads))
+        return schedule_unscheduled(mod, lambda func: schedule_sparse_gpu(
+            func, self.config.max_threads, self.config))
 
 
 def _backend(target):
@@ -43,11 +46,17 @@ def _backend(target):
     return adreno if "adreno" in target.keys else gpu_generic
 
 
-def gpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
-    """The whole Relax pipeline for an OpenCL ``TargetSpec``."""
+def gpu_pipeline(spec, on_layer=None, stage_input="auto") -> tvm.transform.Pass:
+    """The whole Relax pipeline for an OpenCL ``TargetSpec``. ``stage_input``: the
+    sparse kernels' ``__local`` input staging (``"auto"``: where it pays, see
+    :func:`tir_schedules.sparse_gpu.stage_input_pays`; ``True`` / ``False``: forced)."""
+    from tir_schedules.sparse_gpu import GpuScheduleConfig
+
     target = spec.tvm_target
     backend = _backend(target)
     max_threads = int(target.attrs.get("max_num_threads", 256))
+    config = GpuScheduleConfig(max_threads, "adreno" if "adreno" in target.keys else "mali",
+                               stage_input)
 
     @tvm.transform.module_pass(opt_level=0, name="NpasGPUPipeline")
     def pipeline(mod, ctx):
@@ -56,7 +65,7 @@ def gpu_pipeline(spec, on_layer=None) -> tvm.transform.Pass:
             names = [p.info.name for p in legalize]
             at = names.index("ApplyDefaultSchedule") if "ApplyDefaultSchedule" in names \
                 else len(legalize)
-            legalize.insert(at, ScheduleSparseGPU(max_threads))
+            legalize.insert(at, ScheduleSparseGPU(max_threads, config))
             return tvm.transform.Sequential([
                 *backend.library_dispatch_passes(target),
                 RemoveFilters(on_layer), LowerToSparseKernels(spec, on_layer),

@@ -41,7 +41,7 @@ def test_wrong_local_size_is_never_used():
 # ------------------------------------------------------------------ sparse kernels
 
 
-def _sparse_on_pocl(path, plan, target, tmp_path):
+def _sparse_on_pocl(path, plan, target, tmp_path, stage_input="auto"):
     """Prune ``path`` by ``plan``, lower for ``target`` with npas-tvm's GPU pipeline, run
     on PoCL; returns (lowered layers, runner, comparison against the pruned ONNX)."""
     import tvm
@@ -58,7 +58,7 @@ def _sparse_on_pocl(path, plan, target, tmp_path):
     pruned = write_pruned_onnx(model, attached_params(mod["main"]),
                                str(tmp_path / "pruned.onnx"))
     spec, rows = resolve_target(target), []
-    runner = OpenCLModel(mod, spec.tvm_target, gpu_pipeline(spec, rows.append))
+    runner = OpenCLModel(mod, spec.tvm_target, gpu_pipeline(spec, rows.append, stage_input))
     inputs = pruned.random_inputs(seed=1)
     result = compare(runner.run(list(inputs.values())), run_onnxruntime(pruned.proto, inputs))
     return rows, runner, result
@@ -98,6 +98,54 @@ def test_sparse_conv_options_on_pocl(tmp_path, case):
     rows, _, result = _sparse_on_pocl(g.save(tmp_path / "m.onnx"), plan, "mali", tmp_path)
     assert [row.kernel for row in rows] == ["gathered"]
     assert result.ok, result.report()
+
+
+def _local_tiles(runner) -> list[str]:
+    """The ``__local`` arrays of the sparse kernels' sources."""
+    import re
+
+    return re.findall(r"__local float (\w+)\[(\d+)\]", runner.source)
+
+
+@pytest.mark.parametrize("case", [
+    dict(cin=64, cout=64, size=14, kernel=3, stride=1, rate=3, block=(16, 4)),
+    dict(cin=32, cout=64, size=9, kernel=3, stride=2, rate=5, block=(8, 4)),
+    dict(cin=48, cout=32, size=7, kernel=1, stride=1, rate=5, block=(16, 8)),
+    dict(cin=24, cout=64, size=10, kernel=1, stride=1, rate=3, block=(4, 4)),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""))
+@pytest.mark.parametrize("target", ["mali", "adreno"])
+def test_staged_input_tile_matches_unstaged(tmp_path, case, target):
+    """Both variants of the gathered-tap conv (input tile staged in __local memory or
+    read from global memory) match onnxruntime; the staged one holds one tap chunk
+    (work-group pixels x stage_taps floats), with a bias and ReLU epilogue fused."""
+    from onnx_graphs import make_graph
+
+    from npas_tvm.schemes import BlockBasedSpec, BlockPunchedSpec
+
+    g = make_graph((1, case["cin"], case["size"], case["size"]))
+    g.conv(case["cout"], kernel=case["kernel"], stride=case["stride"], bias=True)
+    g.op("Relu")
+    spec_type = BlockBasedSpec if case["kernel"] == 1 else BlockPunchedSpec
+    plan = {"conv1.weight": spec_type(rate=case["rate"], block=case["block"])}
+    tiles = {}
+    for stage in (False, True):
+        rows, runner, result = _sparse_on_pocl(g.save(tmp_path / f"m{stage}.onnx"), plan,
+                                               target, tmp_path, stage_input=stage)
+        assert [row.kernel for row in rows] == ["gathered"]
+        assert result.ok, f"stage_input={stage}: {result.report()}"
+        tiles[stage] = _local_tiles(runner)
+    assert tiles[False] == []
+    (name, size), = tiles[True]
+    assert "reindex" in name and int(size) <= 64 * 16
+
+
+def test_stage_input_knob_reaches_the_schedule():
+    from relay_passes.gpu import ScheduleSparseGPU
+    from tir_schedules.sparse_gpu import GpuScheduleConfig
+
+    config = GpuScheduleConfig(128, "adreno", True, stage_taps=8)
+    assert ScheduleSparseGPU(config=config).config == config
+    assert ScheduleSparseGPU(64).config.stage_input == "auto"
 
 
 def test_compile_npas_for_mali_lowers_to_sparse_kernels(zoo_onnx, tmp_path, capsys):
