@@ -8,7 +8,9 @@ pruned, lowered with npas-tvm's GPU pipeline for each device, run on PoCL and ch
 against onnxruntime on the pruned weights; the table gives what a GPU's speed depends on:
 the kernel's work-items and work-group size, its floating-point work (the kept weights'
 multiply-adds, as executed), the bytes of the buffers it reads and writes (compulsory
-traffic) and their ratio, the arithmetic intensity. Real timings need a phone:
+traffic) and their ratio, the arithmetic intensity, and whether the kernel stages its
+input tile in ``__local`` memory (which cuts the global loads it issues, not the
+compulsory traffic; see ``benchmarks/opencl_staging.py``). Real timings need a phone:
 `npas-tvm bench OUT.so --rpc-tracker ... --rpc-key ... --device opencl`.
 """
 
@@ -140,11 +142,12 @@ def format_row(row: dict) -> str:
     return (f"| {row['layer']} | {row['scheme']} | {row['rate']:g}x | {row['device']} | "
             f"{row['work_items']} | {row['work_group']} | {row['mflop']:.1f} | "
             f"{row['kb_moved']:.0f} | {row['flop_per_byte']:.1f} | "
-            f"{'OK' if row['ok'] else 'MISMATCH'} |")
+            f"{'yes' if row['staged'] else 'no'} | {'OK' if row['ok'] else 'MISMATCH'} |")
 
 
 HEADER = ("| layer | scheme | rate | device | work-items | work-group | MFLOP | KB moved | "
-          "FLOP/byte | vs onnxruntime |\n|---|---|---:|---|---:|---:|---:|---:|---:|---|")
+          "FLOP/byte | __local tile | vs onnxruntime |\n"
+          "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|")
 
 if __name__ == "__main__":
     print(HEADER)

@@ -139,6 +139,21 @@ def test_staged_input_tile_matches_unstaged(tmp_path, case, target):
     assert "reindex" in name and int(size) <= 64 * 16
 
 
+@pytest.mark.parametrize("device, layer, scheme, staged", [
+    ("adreno", ("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "block_punched", True),
+    ("mali", ("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "block_punched", False),
+    ("adreno", ("conv1x1 32->64 @8", "conv", 32, 64, 8, 1), "block_based", False),
+    ("adreno", ("fc 64->40", "fc", 64, 40, 1, 1), "block_based", False),
+], ids=lambda v: v if isinstance(v, (str, bool)) else v[0].replace(" ", "_"))
+def test_auto_stages_the_padded_convs_on_adreno(tmp_path, device, layer, scheme, staged):
+    """The default rule (tir_schedules.sparse_gpu.stage_input_pays): staged where the
+    conv zero-pads its input, on Adreno; never on Mali, 1x1 convs or the GEMM."""
+    from benchmarks.opencl_proxy import measure
+
+    row = measure(layer, scheme, 4.0, device, str(tmp_path))
+    assert row["ok"] and row["staged"] is staged, row
+
+
 def test_stage_input_knob_reaches_the_schedule():
     from relay_passes.gpu import ScheduleSparseGPU
     from tir_schedules.sparse_gpu import GpuScheduleConfig
