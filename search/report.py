@@ -39,15 +39,20 @@ def summary_table(outcome) -> str:
             f"({sum(e.seconds for e in evaluations) / 60:.1f}) | {100 * best.accuracy:.2f}% | "
             f"{100 * (best.accuracy - dense):+.2f} | {best.latency_ms:.2f} | "
             f"{'yes' if best.meets else 'no'} | {plan_rate(outcome.context, best):.2f}x |")
-    if outcome.final_accuracy is not None and outcome.best is not None:
-        best = outcome.best
+    chosen = outcome.best
+    if chosen is not None:
+        accuracy = outcome.final_accuracy if outcome.final_accuracy is not None \
+            else chosen.accuracy
+        meets = chosen.meets if outcome.measured_ms is None \
+            else outcome.measured_ms <= outcome.budget_ms
         lines.append(
-            f"| search (npas), final fine-tune | - | {100 * outcome.final_accuracy:.2f}% | "
-            f"{100 * (outcome.final_accuracy - dense):+.2f} | {best.latency_ms:.2f} | "
-            f"{'yes' if best.meets else 'no'} | {plan_rate(outcome.context, best):.2f}x |")
-    if outcome.measured_ms is not None and outcome.best is not None:
+            f"| chosen plan, delivered weights | - | {100 * accuracy:.2f}% | "
+            f"{100 * (accuracy - dense):+.2f} | {chosen.latency_ms:.2f} | "
+            f"{'yes' if meets else 'no'}{' (measured)' if outcome.measured_ms else ''} | "
+            f"{plan_rate(outcome.context, chosen):.2f}x |")
+    if outcome.measured_ms is not None and chosen is not None:
         lines += ["", f"Chosen plan measured end to end: {outcome.measured_ms:.2f} ms "
-                      f"(predicted {outcome.best.latency_ms:.2f} ms; budget "
+                      f"(predicted {chosen.latency_ms:.2f} ms; budget "
                       f"{outcome.budget_ms:.2f} ms: "
                       f"{'met' if outcome.measured_ms <= outcome.budget_ms else 'missed'})."]
     return "\n".join(lines)

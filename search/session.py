@@ -38,6 +38,13 @@ size, and a fine-tune costs (224/32)^2 = 49x less for MobileNetV2. Digits are 8x
 so nothing is lost. The latency model always uses the ONNX model's own input size."""
 
 
+VERIFY = 5
+"""The best plans measured end to end, in order, until one meets the budget."""
+FEASIBLE_MARGIN = 1.25
+"""The default budget is half the dense model's latency, or this times the fastest plan's
+where half is out of reach (MobileNetV2: its depthwise layers stay dense)."""
+
+
 @dataclass
 class SearchConfig:
     model: str                      # a zoo name or an ONNX path
@@ -45,7 +52,7 @@ class SearchConfig:
     target: str = "host"
     data: str = "digits"
     budget: int = 30                # accuracy evaluations per strategy
-    latency_ms: float | None = None  # None: half the dense model's predicted latency
+    latency_ms: float | None = None  # None: see FEASIBLE_MARGIN
     baselines: Sequence[str] = ()
     method: str = "magnitude"
     epochs: int | None = None        # None: the evaluator's fast settings for the model
@@ -166,11 +173,19 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
             cache[key] = float(latency_model.predict_plan(layers, plan))
         return cache[key]
 
-    dense_choices = [0] * len(space)
-    dense_ms = latency(plan_from_choices(space, dense_choices))
-    budget_ms = config.latency_ms if config.latency_ms else 0.5 * dense_ms
-    say(f"latency: dense {dense_ms:.2f} ms predicted; budget {budget_ms:.2f} ms"
-        + ("" if config.latency_ms else " (half the dense model's; set --latency-ms)"))
+    dense_ms = latency(plan_from_choices(space, [0] * len(space)))
+    fastest_ms = latency(plan_from_choices(space, _fastest_choices(space, layers, latency_model)))
+    if config.latency_ms:
+        budget_ms, why = config.latency_ms, ""
+        if budget_ms < fastest_ms:
+            say(f"npas-tvm: warning: --latency-ms {budget_ms:g} is below the fastest plan's "
+                f"predicted {fastest_ms:.2f} ms: no plan can meet it")
+    else:
+        budget_ms = max(0.5 * dense_ms, FEASIBLE_MARGIN * fastest_ms)
+        why = (" (half the dense model's" if budget_ms == 0.5 * dense_ms else
+               f" ({FEASIBLE_MARGIN:g}x the fastest plan's") + "; set --latency-ms)"
+    say(f"latency: dense {dense_ms:.2f} ms, fastest plan {fastest_ms:.2f} ms predicted; "
+        f"budget {budget_ms:.2f} ms{why}")
 
     log = SearchLog(os.path.join(config.out, "search_log.jsonl"), {
         "model": os.path.basename(config.model), "target": spec.name,
@@ -213,25 +228,27 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
         evaluations[name] = run_strategy(name, context, evaluator.evaluate, config.budget,
                                          log, progress=config.progress)
     best = best_of(evaluations["npas"])
-    outcome = SearchOutcome(config, budget_ms, dense_ms, dense_accuracy, evaluations, best,
-                            context=context)
-    if best is not None:
-        _save_plan(context, best, plan_path, budget_ms, config)
+    chosen, measured = best, None
+    if best is not None and config.measure:
+        chosen, measured = _verified(config, onnx_path, context, evaluations["npas"], log, say)
+    outcome = SearchOutcome(config, budget_ms, dense_ms, dense_accuracy, evaluations, chosen,
+                            context=context, measured_ms=measured)
+    if chosen is not None:
+        _save_plan(context, chosen, plan_path, budget_ms, config)
         outcome.plan_path = plan_path
-        if config.final_epochs:
-            outcome.final_accuracy = _final_fine_tune(config, context, evaluator, best, log,
-                                                      weights_path, say)
+        if config.final_epochs or chosen is not best:
+            outcome.final_accuracy = _final_fine_tune(
+                config, context, evaluator, chosen, log, weights_path, say,
+                keep_if_better=chosen.accuracy if chosen is best else None)
         state = torch.load(weights_path, weights_only=True)
         outcome.onnx_path = evaluator.export_onnx(
             state, os.path.join(config.out, "model.pruned.onnx"), tuple(probe_shape))
-        if config.measure:
-            outcome.measured_ms = _measured(config, onnx_path, context, best, log)
     from search.pareto import plot_pareto
     from search.report import summary_table
 
     every = [e for group in evaluations.values() for e in group]
     pareto = plot_pareto(every, os.path.join(config.out, "pareto.png"), budget_ms=budget_ms,
-                         chosen=best, dense=(dense_ms, dense_accuracy),
+                         chosen=chosen, dense=(dense_ms, dense_accuracy),
                          title=f"{os.path.basename(config.model)} on {spec.name}: "
                                f"{len(every)} evaluated plans")
     outcome.seconds = time.perf_counter() - start
@@ -241,6 +258,14 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
     outcome.files = [p for p in (plan_path, outcome.onnx_path, weights_path, log.path, pareto,
                                  os.path.join(config.out, "summary.md")) if p]
     return outcome
+
+
+def _fastest_choices(space, layers, latency_model) -> list[int]:
+    """Each layer's fastest action by the latency model (layers are independent)."""
+    by_name = {layer.name: layer for layer in layers}
+    return [min(range(len(actions)),
+                key=lambda i: latency_model.predict_layer(by_name[name], actions[i]))
+            for name, actions in space.items()]
 
 
 def _probe_input_shape(model: str) -> tuple[int, ...]:
@@ -287,22 +312,54 @@ def _save_plan(context: SearchContext, evaluation: Evaluation, path: str, budget
     save_plan(plan, path)
 
 
-def _final_fine_tune(config: SearchConfig, context: SearchContext, evaluator, best: Evaluation,
-                     log: SearchLog, weights_path: str, say) -> float:
+def _final_fine_tune(config: SearchConfig, context: SearchContext, evaluator,
+                     chosen: Evaluation, log: SearchLog, weights_path: str, say, *,
+                     keep_if_better: float | None = None) -> float:
     """The chosen plan fine-tuned longer (whole epochs) from the dense model: the search
-    ranks plans by a short fine-tune, the delivered weights deserve a full one. Kept in
-    the log and in ``weights.pt``, so a re-run does not repeat it."""
+    ranks plans by a short fine-tune, the delivered weights deserve a full one. With
+    ``keep_if_better`` (the accuracy of the weights already in ``weights.pt``), those
+    are kept when the longer fine-tune does no better. Kept in the log, so a re-run
+    does not repeat it; returns the delivered weights' accuracy."""
     import torch
 
-    key = f"final:{','.join(map(str, best.choices))}:{config.final_epochs}"
+    epochs = config.final_epochs or None
+    key = f"final:{','.join(map(str, chosen.choices))}:{config.final_epochs}"
     if key not in log.notes:
-        say(f"final fine-tune of the chosen plan: {config.final_epochs} epochs")
-        result = evaluator.evaluate(context.plan(best.choices, "search"),
-                                    epochs=config.final_epochs, steps_per_epoch=0)
-        torch.save(result.state_dict, weights_path + ".tmp")
-        os.replace(weights_path + ".tmp", weights_path)
-        log.note(key, accuracy=float(result.accuracy), epochs=int(result.epochs))
-    return float(log.notes[key]["accuracy"])
+        say(f"final fine-tune of the chosen plan"
+            + (f": {epochs} epochs" if epochs else ""))
+        result = evaluator.evaluate(context.plan(chosen.choices, "search"), epochs=epochs,
+                                    **({"steps_per_epoch": 0} if epochs else {}))
+        kept = keep_if_better is not None and result.accuracy <= keep_if_better
+        if not kept:
+            torch.save(result.state_dict, weights_path + ".tmp")
+            os.replace(weights_path + ".tmp", weights_path)
+        log.note(key, accuracy=float(result.accuracy), epochs=int(result.epochs),
+                 delivered=float(keep_if_better if kept else result.accuracy))
+        if kept:
+            say(f"the longer fine-tune reached {100 * result.accuracy:.2f}%, no better than "
+                f"the search's {100 * keep_if_better:.2f}%: its weights are kept")
+    return float(log.notes[key]["delivered"])
+
+
+def _verified(config: SearchConfig, onnx_path: str, context: SearchContext,
+              evaluations: list[Evaluation], log: SearchLog, say
+              ) -> tuple[Evaluation, float]:
+    """The best plan whose *measured* latency meets the budget.
+
+    The latency model steers the search, but its error (a few percent) can put a plan
+    predicted just under the budget just over it. The best plans by reward are built
+    and timed end to end in order, up to ``VERIFY``; the first within the budget is
+    chosen (else the best, reported as over)."""
+    ranked = sorted(evaluations, key=lambda e: (e.reward, -e.latency_ms), reverse=True)
+    ranked = [e for e in ranked if e.meets][:VERIFY] or ranked[:1]
+    for rank, evaluation in enumerate(ranked, 1):
+        measured = _measured(config, onnx_path, context, evaluation, log)
+        if measured <= context.budget_ms:
+            return evaluation, measured
+        say(f"plan {rank} ({100 * evaluation.accuracy:.2f}%): measured {measured:.2f} ms, "
+            f"over the {context.budget_ms:.2f} ms budget"
+            + ("; trying the next" if rank < len(ranked) else ""))
+    return ranked[0], _measured(config, onnx_path, context, ranked[0], log)
 
 
 def _measured(config: SearchConfig, onnx_path: str, context: SearchContext,

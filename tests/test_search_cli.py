@@ -40,7 +40,8 @@ def test_search_writes_every_output(searched):
     assert sources.count("npas") == 2 and sources.count("random") == 2
     assert 1 <= sources.count("rule") <= 2
     summary = open(os.path.join(searched, "summary.md")).read()
-    for row in ("| dense |", "| search (npas) |", "| rule baseline |", "| random baseline |"):
+    for row in ("| dense |", "| search (npas) |", "| rule baseline |", "| random baseline |",
+                "| chosen plan, delivered weights |"):
         assert row in summary
 
 

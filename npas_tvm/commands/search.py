@@ -20,7 +20,7 @@ def register(subparsers, common) -> None:
     parser.add_argument("--target", default="host", help="host, arm-cpu (with --rpc-*), ...")
     parser.add_argument("--latency-ms", type=float, default=None,
                         help="the latency budget (default: half the dense model's "
-                             "predicted latency)")
+                             "predicted latency, or 1.25x the fastest plan's if more)")
     parser.add_argument("--data", default="digits",
                         help="digits (scikit-learn's bundled set), an ImageFolder-style "
                              "directory, or an .npz with x/y arrays")
