@@ -22,7 +22,7 @@ def summary_table(outcome) -> str:
     lines = [f"Search: {outcome.config.model} on {outcome.config.target}, data "
              f"{outcome.config.data}, budget {outcome.budget_ms:.2f} ms predicted "
              f"(dense {outcome.dense_ms:.2f} ms), {outcome.config.budget} evaluations per "
-             f"strategy, {outcome.seconds / 60:.1f} min",
+             f"strategy ({outcome.seconds / 60:.1f} min in this run)",
              "",
              "| plan | evaluations (min) | accuracy | vs dense (points) | predicted ms "
              "| meets budget | weights rate |",

@@ -338,7 +338,8 @@ def _final_fine_tune(config: SearchConfig, context: SearchContext, evaluator,
         if kept:
             say(f"the longer fine-tune reached {100 * result.accuracy:.2f}%, no better than "
                 f"the search's {100 * keep_if_better:.2f}%: its weights are kept")
-    return float(log.notes[key]["delivered"])
+    note = log.notes[key]
+    return float(note.get("delivered", note["accuracy"]))
 
 
 def _verified(config: SearchConfig, onnx_path: str, context: SearchContext,

@@ -109,3 +109,23 @@ def test_non_host_target_needs_a_device(built, capsys, tmp_path):
                  "--work-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rpc-tracker" in err[0]
+
+
+@pytest.mark.device
+def test_records_measured_on_the_emulated_device(arm_device, tmp_path):
+    """arm-cpu layer records come over RPC from the (emulated) phone, and the model built
+    from them predicts the device's plans."""
+    from npas_tvm.layers import load_model_layers
+    from search.latency import RECORDS_FILE, build_latency_model, read_records
+    from onnx_graphs import small_cnn
+
+    tracker, key = arm_device
+    path = small_cnn(tmp_path / "m.onnx")
+    model = build_latency_model(str(path), "arm-cpu", str(tmp_path / "lat"), samples=6,
+                                rpc_tracker=tracker, rpc_key=key, progress=False)
+    records = [r for r in read_records(str(tmp_path / "lat" / RECORDS_FILE)).values()
+               if "features" in r]
+    assert 1 <= len(records) <= 6 and all(r["target"] == "arm-cpu" for r in records)
+    assert all(r["ms"] > 0 for r in records)
+    _, layers = load_model_layers(str(path))
+    assert model.predict_plan(layers, Plan()) > 0
