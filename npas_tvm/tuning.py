@@ -108,11 +108,13 @@ def _kernel_flops(func) -> int:
     return total
 
 
-def extract_tasks(mod, spec: TargetSpec) -> list[Task]:
+def extract_tasks(mod, spec: TargetSpec, *, min_flops: int = MIN_TASK_FLOPS,
+                  families: Sequence[str] = TUNED_FAMILIES) -> list[Task]:
     """The distinct fused kernels ``mod`` compiles to, just before ``ScheduleDenseCPU``.
 
     Identical kernels (structural hash) are one task weighted by their call count;
-    elementwise kernels and kernels under :data:`MIN_TASK_FLOPS` are left out.
+    kernels outside ``families`` (elementwise ones) and under ``min_flops`` are left
+    out (the tuner's defaults: :data:`TUNED_FAMILIES`, :data:`MIN_TASK_FLOPS`).
     """
     import tvm
     import tvm_ffi
@@ -138,10 +140,10 @@ def extract_tasks(mod, spec: TargetSpec) -> list[Task]:
             family = kernel_family(func)
         except Exception:  # hand-written TIR without a root block
             continue
-        if family not in TUNED_FAMILIES:
+        if family not in families:
             continue
         flops = _kernel_flops(func)
-        if flops < MIN_TASK_FLOPS:
+        if flops < min_flops:
             continue
         key = tvm_ffi.structural_hash(func)
         sites = calls[gvar.name_hint]
