@@ -247,13 +247,8 @@ def layer_kernel(geometry: Geometry, spec: SchemeSpec, target_spec) -> LayerKern
         mod = tvm.transform.Sequential([AnnotatePruning(Plan(layers={"w": spec})),
                                         ApplyPruning()])(mod)
     # every kernel of the layer, however small, pattern-like pixel kernels included
-    saved = tuning.MIN_TASK_FLOPS, tuning.TUNED_FAMILIES
-    tuning.MIN_TASK_FLOPS = 0
-    tuning.TUNED_FAMILIES = (*saved[1], *pixel_sparse_templates())
-    try:
-        tasks = tuning.extract_tasks(mod, target_spec)
-    finally:
-        tuning.MIN_TASK_FLOPS, tuning.TUNED_FAMILIES = saved
+    tasks = tuning.extract_tasks(mod, target_spec, min_flops=0,
+                                 families=(*tuning.TUNED_FAMILIES, *pixel_sparse_templates()))
     if not tasks:
         raise LatencyError(f"no kernel found for {geometry.op_type} {geometry.weight_shape}")
     task = tasks[0]  # the layer's conv / matmul (the heaviest kernel)
@@ -408,28 +403,29 @@ class LatencyModel:
         found = self._predictions.get(memo)
         if found is None:
             geometry = self.geometry(layer)
-            anchor = self.dense_anchor.get(geometry.key())
-            if anchor is not None and spec.scheme == "dense":
-                found = self.scale * anchor
-            elif anchor is not None and self.ratio_booster is not None:
-                vector = self.feature_vector(geometry, spec)
-                found = self.scale * anchor * self._predict_ratio(vector, anchor)
-            else:
-                vector = self.feature_vector(geometry, spec)
-                found = self.scale * float(self._predict_vectors(vector)[0])
+            found = self.scale * self._kernel_ms(
+                geometry.key(), spec.scheme == "dense",
+                lambda: self.feature_vector(geometry, spec))
             self._predictions[memo] = found
         return found
 
     def predict_record(self, record: dict) -> float:
         """Predicted ms of a measured record's kernel timed alone (no ``scale``): for
         checking the model against measurements it was not trained on."""
-        vector = np.asarray(record["features"], dtype=float)
-        anchor = self.dense_anchor.get(Geometry.from_json(record["geometry"]).key())
-        if anchor is not None and record["spec"].get("scheme") == "dense":
+        return self._kernel_ms(Geometry.from_json(record["geometry"]).key(),
+                               record["spec"].get("scheme") == "dense",
+                               lambda: np.asarray(record["features"], dtype=float))
+
+    def _kernel_ms(self, geometry_key: str, dense: bool, vector) -> float:
+        """A kernel's isolated ms: the measured dense time (times the predicted ratio
+        when sparse) where the layer has one, else the absolute model; ``vector()``
+        gives the features, computed only when needed."""
+        anchor = self.dense_anchor.get(geometry_key)
+        if anchor is not None and dense:
             return anchor
         if anchor is not None and self.ratio_booster is not None:
-            return anchor * self._predict_ratio(vector, anchor)
-        return float(self._predict_vectors(vector)[0])
+            return anchor * self._predict_ratio(vector(), anchor)
+        return float(self._predict_vectors(vector())[0])
 
     def _predict_ratio(self, vector: np.ndarray, dense_ms: float) -> float:
         import xgboost as xgb

@@ -141,8 +141,7 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
         torch.set_num_threads(config.threads)
 
     # The data decides the classifier's width, so it comes first.
-    probe_shape = _probe_input_shape(config.model)
-    probe_layers = _probe_layers(config.model, config.out)
+    probe_shape, probe_layers = _probe(config.model, config.out)
     train_shape = _train_shape(probe_shape, probe_layers, config.resolution)
     data = load_dataset(config.data, train_shape, seed=config.seed)
     onnx_path, module, weight_names = _model_files(config, data.num_classes)
@@ -152,7 +151,8 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
         module, replaced = replace_mobile_unfriendly(module)
         say(f"phase 1: replaced {len(replaced)} mobile-unfriendly op(s)"
             + (": " + ", ".join(str(r) for r in replaced[:6]) if replaced else ""))
-    _, layers = load_model_layers(onnx_path)
+    # a zoo model's ONNX is exported anew with the data's classifier; a user's is the probe
+    layers = probe_layers if onnx_path == config.model else load_model_layers(onnx_path)[1]
     target = RuleTarget.for_spec(spec)
     space = search_space(layers, target)
     searchable = sum(len(actions) > 1 for actions in space.values())
@@ -165,13 +165,9 @@ def run_search(config: SearchConfig, say=print) -> SearchOutcome:
         onnx_path, config.target, latency_dir, samples=config.latency_samples,
         rpc_tracker=config.rpc_tracker, rpc_key=config.rpc_key, progress=config.progress,
         seed=config.seed)
-    cache: dict[tuple, float] = {}
 
-    def latency(plan: Plan) -> float:
-        key = tuple(sorted((n, repr(s)) for n, s in plan.layers.items()))
-        if key not in cache:
-            cache[key] = float(latency_model.predict_plan(layers, plan))
-        return cache[key]
+    def latency(plan: Plan) -> float:  # predict_layer caches each (layer, spec)
+        return float(latency_model.predict_plan(layers, plan))
 
     dense_ms = latency(plan_from_choices(space, [0] * len(space)))
     fastest_ms = latency(plan_from_choices(space, _fastest_choices(space, layers, latency_model)))
@@ -268,23 +264,9 @@ def _fastest_choices(space, layers, latency_model) -> list[int]:
             for name, actions in space.items()]
 
 
-def _probe_input_shape(model: str) -> tuple[int, ...]:
-    from npas_tvm.zoo import ZOO_NAMES, zoo_entry
-
-    if model in ZOO_NAMES:
-        return zoo_entry(model).input_shape
-    from npas_tvm.model_io import load_onnx
-
-    loaded = load_onnx(model, None, check_ops=False)
-    shape = next(iter(loaded.input_shapes.values()))
-    if len(shape) != 4:
-        raise NpasError(f"{model}: the search takes image models (an NCHW input); the "
-                        f"first input has shape {tuple(shape)}")
-    return tuple(int(d) for d in shape)
-
-
-def _probe_layers(model: str, out: str):
-    """The model's layers before the classifier is sized to the data (for the stride)."""
+def _probe(model: str, out: str) -> tuple[tuple[int, ...], list]:
+    """The model's input shape and layers before the classifier is sized to the data
+    (for the training resolution), from one load."""
     from npas_tvm.layers import load_model_layers
     from npas_tvm.zoo import ZOO_NAMES, export_zoo_model
 
@@ -293,7 +275,12 @@ def _probe_layers(model: str, out: str):
         path = os.path.join(out, f"{model}.probe.onnx")
         if not os.path.exists(path):
             export_zoo_model(model, path)
-    return load_model_layers(path)[1]
+    loaded, layers = load_model_layers(path)
+    shape = next(iter(loaded.input_shapes.values()))
+    if len(shape) != 4:
+        raise NpasError(f"{model}: the search takes image models (an NCHW input); the "
+                        f"first input has shape {tuple(shape)}")
+    return tuple(int(d) for d in shape), layers
 
 
 def _param_shares(layers) -> dict[str, float]:
