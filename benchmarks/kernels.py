@@ -103,7 +103,9 @@ class Kernel:
         import numpy as np
         import tvm
 
-        self.lib = tvm.compile(func, target)
+        from tir_schedules.lowering import cpu_pipeline
+
+        self.lib = tvm.compile(func, target, tir_pipeline=cpu_pipeline())
         self.func = self.lib.mod["main"]  # the PrimFunc itself: 0.2 us a call, not 2
         dev = tvm.cpu()
         self.args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]

@@ -135,9 +135,14 @@ def build(mod, spec: TargetSpec, passes: Sequence = (), dense_schedules: bool = 
         pipeline = tvm.transform.Sequential([
             *passes, LowerToSparseKernels(spec, on_layer), BindAttachedParams(),
             relax.get_default_pipeline(target)])
+    kwargs = {}
+    if target.kind.name == "llvm":  # register tiles over 1 KiB stay on the stack
+        from tir_schedules.lowering import cpu_pipeline
+
+        kwargs["tir_pipeline"] = cpu_pipeline()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tvm.compile(mod, target, relax_pipeline=pipeline)
+        return tvm.compile(mod, target, relax_pipeline=pipeline, **kwargs)
 
 
 def export(executable, path: str, spec: TargetSpec, cc: str | None = None) -> str:

@@ -38,7 +38,8 @@ _log = logging.getLogger("npas_tvm")
 
 FAILED_SECONDS = 1e9  # meta_schedule's run time of a candidate that failed to build or run
 MIN_TASK_FLOPS = 200_000  # smaller kernels are not worth a measurement
-TUNED_FAMILIES = ("conv2d", "depthwise", "sparse_conv2d", "sparse_dense", "reduction")
+TUNED_FAMILIES = ("conv2d", "depthwise", "sparse_conv2d", "sparse_dense",
+                  "sparse_pattern_entries", "reduction")
 
 
 class TuningError(NpasError):
@@ -241,8 +242,10 @@ def _build_library(kernel, target, linker: str | None, directory: str) -> str:
     import tvm
     from tvm.support import cc
 
+    from tir_schedules.lowering import cpu_pipeline
+
     library = tvm.tirx.build(workload_module(kernel.with_attr("global_symbol", "main")),
-                             target=target)
+                             target=target, pipeline=cpu_pipeline())
     path = os.path.join(tempfile.mkdtemp(prefix="kernel-", dir=directory), "kernel.so")
     kwargs = {"fcompile": cc.cross_compiler(linker)} if linker else {}
     library.export_library(path, **kwargs)

@@ -21,6 +21,7 @@ from npas_tvm.schemes import (PatternSpec, UnalignedBlockSpec, UnstructuredSpec,
 from tir_schedules import sparse_conv as sc
 from tir_schedules import sparse_csr as cs
 from tir_schedules import sparse_pattern as sp
+from tir_schedules.lowering import cpu_pipeline
 
 BUILD = settings(max_examples=6, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -37,11 +38,33 @@ def _build(out, inputs, arrays, family: str):
     func = te.create_prim_func([*inputs, out], index_dtype_override="int64")
     assert kernel_family(func) == family
     scheduled = schedule_primfunc(func, cfg)
-    assert scheduled is not None and _tap_loop_extents(scheduled) == ["counts"]
-    lib = tvm.compile(scheduled, spec.tvm_target)
+    assert scheduled is not None
+    if family == "sparse_pattern_entries":  # compute_at renamed the tap loop
+        assert _loops_bounded_by_loads(scheduled) >= 1
+    else:
+        assert _tap_loop_extents(scheduled) == ["counts"]
+    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
     result = tvm.runtime.empty([int(v) for v in out.shape], "float32", tvm.cpu())
     lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], result)
     return _unblocked(result.numpy())
+
+
+def _loops_bounded_by_loads(func) -> int:
+    """Loops whose extent is read from a buffer (the kernels' per-block counts)."""
+    import tvm
+    import tvm_ffi
+
+    bounded = []
+
+    def visit(loop, visitor):
+        loads = []
+        tvm_ffi.structural_visit(loop.extent, [(tvm.ir.TensorLoad,
+                                                lambda n, v: loads.append(n) and None)])
+        bounded.append(bool(loads))
+        visitor.default_visit(loop)
+
+    tvm_ffi.structural_visit(func.body, [(tvm.tirx.For, visit)])
+    return sum(bounded)
 
 
 def _pattern_weight(rng, filters, group_in, rate, patterns):
@@ -49,7 +72,7 @@ def _pattern_weight(rng, filters, group_in, rate, patterns):
     return weight * make_mask(weight, PatternSpec(rate=rate, patterns=patterns))
 
 
-def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4):
+def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4, entries=False, tile=32):
     from tvm import te
 
     packed = sp.pack_pattern(weight, groups)
@@ -59,9 +82,15 @@ def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4):
           te.placeholder(packed.channels.shape, "int32", name="ch"),
           te.placeholder(packed.counts.shape, "int32", name="n"),
           te.placeholder(packed.position.shape, "int32", name="pos")]
-    out = sp.pattern_conv2d(*ph, packed.patterns, strides, pad, dilation, 32, ob)
+    if entries:
+        lanes = _host()[1].lanes
+        out = sp.pattern_entries_conv2d(*ph, packed.patterns, strides, pad, dilation, tile,
+                                        ob, lanes)
+    else:
+        out = sp.pattern_conv2d(*ph, packed.patterns, strides, pad, dilation, tile, ob)
     got = _build(out, ph, [xb, packed.weights, packed.channels, packed.counts,
-                           packed.position], "sparse_pattern")
+                           packed.position],
+                 "sparse_pattern_entries" if entries else "sparse_pattern")
     return got, sc.reference_conv2d(x, weight, strides, pad, dilation, groups)
 
 
@@ -139,6 +168,54 @@ def test_pattern_kernel_matches_numpy(seed, channels, filters, size, stride, dil
     _close(*run_pattern(x, weight, (stride, stride), (dilation, dilation), groups))
 
 
+@BUILD
+@given(seed=st.integers(0, 10**6), channels=st.sampled_from([4, 8, 12]),
+       filters=st.sampled_from([4, 8, 12]), size=st.integers(3, 12),
+       dilation=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]),
+       rate=st.sampled_from([2.25, 3, 5, 10]), patterns=st.integers(1, 8),
+       tile=st.sampled_from([16, 32, 48]))
+def test_pattern_entry_form_matches_numpy(seed, channels, filters, size, dilation, groups,
+                                          rate, patterns, tile):
+    """The CPU form for stride 1: per-entry products over the padded plane, then shifts;
+    any tile (the products' extent is rounded to it), filter group and pattern set."""
+    rng = np.random.default_rng(seed)
+    weight = _pattern_weight(rng, filters, channels // groups, rate, patterns)
+    x = rng.standard_normal((1, channels, size, size)).astype("float32")
+    _close(*run_pattern(x, weight, (1, 1), (dilation, dilation), groups, entries=True,
+                        tile=tile))
+
+
+def test_pattern_entry_form_keeps_its_register_tile_on_the_stack():
+    """Its accumulators (9 entries x the tile) exceed TVM's 1 KiB stack limit; the CPU
+    pipeline keeps them an alloca (a heap workspace would be stored around every
+    pattern's loop)."""
+    import tvm
+    from tvm import te
+
+    from tir_schedules import schedule_primfunc
+
+    rng = np.random.default_rng(3)
+    weight = _pattern_weight(rng, 16, 16, 3, 8)
+    packed = sp.pack_pattern(weight)
+    ph = [te.placeholder((1, 4, 14, 14, 4), name="data"),
+          te.placeholder(packed.weights.shape, name="w"),
+          te.placeholder(packed.channels.shape, "int32", name="ch"),
+          te.placeholder(packed.counts.shape, "int32", name="n"),
+          te.placeholder(packed.position.shape, "int32", name="pos")]
+    out = sp.pattern_entries_conv2d(*ph, packed.patterns, (1, 1), (1, 1, 1, 1), (1, 1), 48,
+                                    4, 16)
+    spec, cfg = _host()
+    func = schedule_primfunc(te.create_prim_func([*ph, out], index_dtype_override="int64"),
+                             cfg)
+
+    def workspace_mentions(**kwargs) -> int:  # calls go through a loaded pointer
+        return tvm.compile(func, spec.tvm_target, **kwargs).mod.inspect_source("ll").count(
+            "TVMBackendAllocWorkspace")
+
+    # TVM's pipeline: the pad and products buffers and the tile; ours: not the tile
+    assert workspace_mentions(tir_pipeline=cpu_pipeline()) < workspace_mentions()
+
+
 def test_pattern_kernel_depthwise_and_fully_pruned_filters():
     rng = np.random.default_rng(1)
     weight = _pattern_weight(rng, 8, 1, 3, 4)
@@ -211,10 +288,13 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["vgg_cifar", "resnet18", "mobilenet_v2",
+                                  "mobilenet_v3_large"])
 def test_zoo_models_with_the_family_schemes(zoo_onnx, tmp_path, capsys, name):
-    """A plan giving every 3x3 conv patterns, 1x1 convs unaligned blocks and the FC
-    unstructured, compiled by ``compile --npas PLAN.json`` and checked."""
+    """All four schemes of the family on one model, compiled by ``compile --npas
+    PLAN.json`` and checked against onnxruntime on the pruned ONNX: 3x3 convs take
+    patterns (every third, filter pruning), 1x1 convs unaligned blocks (every fourth
+    unstructured, every fourth filter pruning), FC layers unstructured."""
     import json
 
     import onnx
@@ -222,13 +302,20 @@ def test_zoo_models_with_the_family_schemes(zoo_onnx, tmp_path, capsys, name):
     from npas_tvm.cli import main
 
     path = zoo_onnx(name)
-    layers = {}
+    layers, seen = {}, {"3x3": 0, "1x1": 0}
     for init in onnx.load(path).graph.initializer:
         dims = tuple(init.dims)
-        if len(dims) == 4 and dims[2:] == (3, 3):
-            layers[init.name] = {"scheme": "pattern", "rate": 3}
+        if len(dims) == 4 and dims[2:] == (3, 3) and dims[1] > 1:
+            seen["3x3"] += 1
+            layers[init.name] = ({"scheme": "filter", "rate": 2} if seen["3x3"] % 3 == 0
+                                 else {"scheme": "pattern", "rate": 3})
         elif len(dims) == 4 and dims[2:] == (1, 1) and dims[0] >= 8:
-            layers[init.name] = {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]}
+            seen["1x1"] += 1
+            layers[init.name] = [{"scheme": "filter", "rate": 2},
+                                 {"scheme": "unstructured", "rate": 4},
+                                 {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]},
+                                 {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]},
+                                 ][seen["1x1"] % 4]
         elif len(dims) == 2:
             layers[init.name] = {"scheme": "unstructured", "rate": 5}
     plan = tmp_path / "plan.json"
@@ -237,7 +324,14 @@ def test_zoo_models_with_the_family_schemes(zoo_onnx, tmp_path, capsys, name):
                  "--check"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    assert "pattern" in out and ": OK" in out and "Traceback" not in err
+    assert ": OK" in out and "Traceback" not in err
+    kernels = {"pattern": "pattern", "unaligned_block": "unaligned_rows",
+               "unstructured": "csr", "filter": "filters"}
+    for scheme in {layer["scheme"] for layer in layers.values()} - {"filter"}:
+        assert kernels[scheme] in out, (scheme, out)
+    # a filter-pruned layer is cut out, or (its channels meet a depthwise conv or a
+    # residual add, as everywhere in MobileNetV2) keeps its zero filters with a warning
+    assert "filters" in out or "keeps its zero filters" in err, out + err
 
 
 # ------------------------------------------------------------------ OpenCL on PoCL

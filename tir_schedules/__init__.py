@@ -100,7 +100,9 @@ def pixel_sparse_templates() -> dict:
     extend."""
     from tir_schedules import sparse_csr, sparse_pattern
 
-    return {"sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
+    return {"sparse_pattern_entries": (sparse_pattern.PATTERN_ENTRY_BLOCK,
+                                       sparse_pattern.schedule_pattern_entries),
+            "sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
                                sparse_pattern.schedule_pattern_conv2d),
             "sparse_rows": (sparse_csr.ROWS_CONV_BLOCK, sparse_csr.schedule_rows_conv2d)}
 

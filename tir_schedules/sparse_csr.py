@@ -58,6 +58,7 @@ class PixelGrid:
     padding: tuple[int, int, int, int]
     dilation: tuple[int, int]
     tile: int
+    plane_quantum: int = 1  # channel planes start at multiples of this (aligned loads)
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -84,8 +85,19 @@ class PixelGrid:
         return -(-self.out_size[0] * self.row_pitch // self.tile) * self.tile
 
     @property
+    def plane_rows(self) -> int:
+        """Rows per channel plane: the padded map's, plus zero rows until the plane is a
+        multiple of ``plane_quantum`` (planes start aligned; rows stay whole)."""
+        hp, wp = self.padded
+        rows = hp
+        while (rows * wp) % self.plane_quantum:
+            rows += 1
+        return rows
+
+    @property
     def plane(self) -> int:
-        return self.padded[0] * self.padded[1]
+        """Flat elements per channel."""
+        return self.plane_rows * self.padded[1]
 
     def tap_offset(self, channel, y, x):
         """Element offset of tap (channel, kh, kw) in one padded image (ints or exprs)."""
@@ -130,15 +142,16 @@ def choose_pixel_tile(out_h: int, row_pitch: int, rows: int, lanes: int,
 
 
 def pixel_grid(data_shape: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
-               padding: Sequence[int], dilation: Sequence[int], tile: int) -> PixelGrid:
+               padding: Sequence[int], dilation: Sequence[int], tile: int,
+               plane_quantum: int = 1) -> PixelGrid:
     """The grid of an ``NCHW{ib}c`` input ``[N, C/ib, H, W, ib]``."""
     _, chunks, height, width, block = (int(v) for v in data_shape)
     return PixelGrid(chunks * block, height, width, tuple(int(k) for k in kernel_size),
                      tuple(int(s) for s in strides), tuple(int(p) for p in padding),
-                     tuple(int(d) for d in dilation), int(tile))
+                     tuple(int(d) for d in dilation), int(tile), int(plane_quantum))
 
 
-def flat_input(data, grid: PixelGrid):
+def flat_input(data, grid: PixelGrid, extent: int | None = None):
     """``[N, extent]``: the zero-padded input, channel-major, one plane per channel
     (whole planes, so the schedule splits the flat axis into channel, row, column)."""
     from tvm import te
@@ -148,12 +161,15 @@ def flat_input(data, grid: PixelGrid):
     top, left = grid.padding[0], grid.padding[1]
 
     def body(b, e):
-        channel, y, x = e // grid.plane, e // wp % hp - top, e % wp - left
+        within = e % grid.plane
+        channel, y, x = e // grid.plane, within // wp - top, within % wp - left
         inside = te.all(channel < grid.channels, y >= 0, y < height, x >= 0, x < width)
         return te.if_then_else(inside, data[b, te.min(channel, grid.channels - 1) // block,
                                             y, x, channel % block], 0.0)
 
-    return te.compute((n, grid.extent), body, name=PIXEL_PAD_BLOCK, attrs={"npas_row": wp})
+    extent = grid.extent if extent is None else -(-extent // grid.plane) * grid.plane
+    return te.compute((n, extent), body, name=PIXEL_PAD_BLOCK,
+                      attrs={"npas_row": wp, "npas_plane_rows": grid.plane_rows})
 
 
 def blocked_output(acc_at, n: int, grid: PixelGrid, out_channels: int, out_block: int):
@@ -244,9 +260,10 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
     n, e = sch.get_loops(pad)
     extent = loop_extents(sch, pad)[1]
     width = int(sch.get(pad).annotations["npas_row"])
-    e_o, x = sch.split(e, [None, width])
+    rows = int(sch.get(pad).annotations["npas_plane_rows"])
+    channel, _, x = sch.split(e, [None, rows, width])  # exact: whole planes of whole rows
     sch.vectorize(x)
-    outer = sch.fuse(n, e_o)
+    outer = sch.fuse(n, channel)
     if extent >= 4096 and work >= cfg.parallel_min_flops:
         sch.parallel(outer)
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
