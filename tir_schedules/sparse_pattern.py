@@ -258,7 +258,6 @@ def schedule_pattern_conv2d(sch, cfg: CpuScheduleConfig) -> None:
 
 PATTERN_ENTRY_BLOCK = SPARSE_CONV_BLOCK + "_entries"  # bound_tap_loops finds the prefix
 PATTERN_SHIFT_BLOCK = "npas_pattern_shift_sum"
-PATTERN_STARTS_BLOCK = "npas_pattern_starts"
 
 
 def _lookup(p, e, table: list[list[int]]):
@@ -316,16 +315,15 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
     sums = -(-((out_h - 1) * grid.row_pitch + out_w) // lanes) * lanes
     positions = -(-(sums + max(offsets)) // pixel_tile) * pixel_tile
     flat = flat_input(data, grid, (grid.channels - 1) * grid.plane + positions)
-    starts = te.compute(channels.shape, lambda s, p, j: channels[s, p, j].astype("int64")
-                        * grid.plane, name=PATTERN_STARTS_BLOCK)  # one load, no multiply
     p = te.reduce_axis((0, npat), name="pattern")
     j = te.reduce_axis((0, most), name=TAP_AXIS)
 
-    def products(b, s, e, r):
+    def products(b, m, e, r):  # output channel m, stored at position[m]
+        s = position[m]
         slot = _lookup(p, e, member)
         in_pattern = (slot > 0).astype("float32")  # 1 or 0 once unrolled: 0 terms fold away
         term = (weights[s, p, j, te.max(slot - 1, 0)] * in_pattern
-                * flat[b, starts[s, p, j] + r])
+                * flat[b, channels[s, p, j].astype("int64") * grid.plane + r])
         return te.sum(te.if_then_else(j < counts[s * npat + p], term, 0.0), axis=[p, j])
 
     acc = te.compute((n, filters, len(used), positions), products, name=PATTERN_ENTRY_BLOCK,
@@ -338,8 +336,7 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
         return total
 
     summed = te.compute((n, filters, 1, sums), shifted, name=PATTERN_SHIFT_BLOCK)
-    return blocked_output(lambda b, m, q: summed[b, position[m], 0, q], n, grid, filters,
-                          out_block)
+    return blocked_output(lambda b, m, q: summed[b, m, 0, q], n, grid, filters, out_block)
 
 
 def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
