@@ -267,7 +267,7 @@ def test_family_plan_matches_onnxruntime(tmp_path):
     rows = _compile_plan(small_cnn(tmp_path / "m.onnx"), FAMILY_PLAN, tmp_path)
     assert rows["conv1.weight"].kernel == "pattern"
     assert rows["conv3.weight"].kernel == "pattern"
-    assert rows["conv2.weight"].kernel == "unaligned_rows"
+    assert rows["conv2.weight"].kernel == "unaligned_gathered"  # 32 filters: SIMD tiles
     assert rows["conv4.weight"].kernel == rows["fc5.weight"].kernel == "csr"
     for row in rows.values():
         assert row.kept_macs <= row.computed_macs < row.dense_macs, row.name
@@ -285,6 +285,8 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
             "fc3.weight": UnalignedBlockSpec(rate=2, block=(2, 1))}
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert all(row.kernel is not None for row in rows.values())
+    assert rows["conv1.weight"].kernel == "unaligned_rows"  # 20 filters: no SIMD tiles
+    assert rows["fc3.weight"].kernel == "unaligned_gathered"
 
 
 @pytest.mark.slow
@@ -325,7 +327,7 @@ def test_zoo_models_with_the_family_schemes(zoo_onnx, tmp_path, capsys, name):
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert ": OK" in out and "Traceback" not in err
-    kernels = {"pattern": "pattern", "unaligned_block": "unaligned_rows",
+    kernels = {"pattern": "pattern", "unaligned_block": "unaligned_",
                "unstructured": "csr", "filter": "filters"}
     for scheme in {layer["scheme"] for layer in layers.values()} - {"filter"}:
         assert kernels[scheme] in out, (scheme, out)
