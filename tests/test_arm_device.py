@@ -24,14 +24,28 @@ def test_arm_cpu_model_runs_remotely_and_matches(arm_device, compiled, capsys):
     assert "check vs onnxruntime" in out and ": OK" in out
 
 
-@pytest.mark.parametrize("plan", ["rule", "uniform5"])
+@pytest.mark.parametrize("plan", ["rule", "uniform5", "family"])
 def test_npas_model_runs_remotely_and_matches_the_pruned_onnx(arm_device, zoo_onnx, tmp_path,
                                                               capsys, plan):
     """compile --npas for arm-cpu (block, pattern or filter kernels as the plan says),
     run over RPC on the emulated phone, checked against onnxruntime on the pruned ONNX."""
     tracker, key = arm_device
     npas = ["--npas", "rule"]
-    if plan != "rule":
+    if plan == "family":  # patterns on the 3x3 convs (the entry form), UBP on the FCs
+        import json
+
+        import onnx
+
+        layers = {}
+        for init in onnx.load(zoo_onnx("vgg_cifar")).graph.initializer:
+            if len(init.dims) == 4 and tuple(init.dims[2:]) == (3, 3) and init.dims[1] > 3:
+                layers[init.name] = {"scheme": "pattern", "rate": 3}
+            elif len(init.dims) == 2:
+                layers[init.name] = {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]}
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps({"format": "npas-plan", "version": 1, "layers": layers}))
+        npas = ["--npas", str(path)]
+    elif plan != "rule":
         from npas_tvm.layers import load_model_layers
         from npas_tvm.plan import save_plan
         from npas_tvm.targets import resolve_target
@@ -45,7 +59,7 @@ def test_npas_model_runs_remotely_and_matches_the_pruned_onnx(arm_device, zoo_on
     assert main(["compile", zoo_onnx("vgg_cifar"), "--target", "arm-cpu", *npas,
                  "-o", library]) == 0
     out = capsys.readouterr().out
-    assert "gathered" in out
+    assert ("pattern" in out and "unaligned_" in out) if plan == "family" else "gathered" in out
     code = main(["bench", library, "--model", library.replace(".so", ".pruned.onnx"),
                  "--rpc-tracker", tracker, "--rpc-key", key, "--number", "1",
                  "--repeat", "1"])

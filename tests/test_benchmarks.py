@@ -73,3 +73,21 @@ def test_report_renders_the_readme_section_from_json(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| npas-tvm rule | rule | 1.00 | 0.90-1.10 | 2.00x |" in text
     assert text.endswith("after\n") and "test cpu" in text and "need a phone" in text
+
+
+def test_family_goals_read_each_row_against_its_own_dense_time():
+    from benchmarks.report import family_goals
+
+    def row(layer, scheme, rate, ms, dense_ms):
+        return {"layer": layer, "scheme": scheme, "rate": rate, "ms": ms,
+                "dense_ms": dense_ms}
+
+    lines = family_goals([
+        row("conv3x3", "pattern", 3, 0.5, 1.1),          # 2.2x: met
+        row("conv3x3", "block_punched", 3, 0.4, 9.0),
+        row("conv3x3", "unstructured", 3, 0.45, 5.0),    # faster than the pattern
+        row("conv1x1", "block_based", 5, 1.0, 4.0),
+        row("conv1x1", "unaligned_block", 5, 1.05, 4.0)])
+    assert "pattern at 3x runs 2.20x faster than dense TVM (goal 2x: met)" in lines[0]
+    assert lines[1].endswith("slower at 3x") and lines[2].endswith("faster at every rate")
+    assert lines[3].endswith("1.05 (goal <= 1.10: met)")
