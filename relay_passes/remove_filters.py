@@ -6,8 +6,13 @@ dense and get smaller. That is exact only where a removed channel is exactly zer
 the way to its consumers: :class:`~relay_passes.apply_pruning.ApplyPruning` zeroes the
 removed filters' biases, and the path may pass only ops that keep a zero channel zero
 (bias add, ReLU, a clamp whose bounds hold 0, pooling, global mean, the flatten after
-it). Where the channel meets anything else (a residual add, a concat, a depthwise conv
-whose bias would make it nonzero) the layer keeps its zero filters, with a warning.
+it). Where the channel meets anything else (a residual add, a concat) the layer keeps
+its zero filters, with a warning.
+
+A depthwise conv on the path (MobileNet's expand -> depthwise -> project) loses the same
+channels. Its bias makes a removed channel a constant map, ``k = act(bias)``, which the
+next 1x1 conv or FC turns into the constant ``W[:, removed] @ k``: that is folded into
+the consumer's bias, so the result is exactly the pruned model's.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class _Removal:
     biases: list[str] = field(default_factory=list)       # params sliced on axis 0
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (param, axis)
     reshapes: list[relax.Var] = field(default_factory=list)  # whose target shape shrinks
+    depthwise: list[str] = field(default_factory=list)    # convs whose groups shrink
+    folds: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (bias, added)
     problem: str = ""
 
 
@@ -87,27 +94,57 @@ class _Tracer:
             return self.params[value.args[0]]
         return None
 
-    def trace(self, removal: _Removal) -> None:
-        stack, seen = [removal.use.var], set()
+    def trace(self, removal: _Removal, pruned: set) -> None:
+        """Follow the removed channels; a state is None while they are zero, else the
+        constant each removed channel holds (past a depthwise conv)."""
+        self.pruned = pruned
+        stack, seen = [(removal.use.var, None)], set()
         while stack and not removal.problem:
-            var = stack.pop()
+            var, state = stack.pop()
             for user in self.users.get(var, []):
                 if user in seen:
                     continue
                 seen.add(user)
-                removal.problem = self._step(removal, var, user, stack)
+                removal.problem = self._step(removal, var, state, user, stack)
                 if removal.problem:
                     return
 
-    def _step(self, removal: _Removal, var, user, stack) -> str:
+    def _consume(self, removal: _Removal, consumer: WeightUse, state) -> str:
+        if consumer.op == "conv2d" and consumer.groups != 1:
+            if consumer.kind != "depthwise" or state is not None:
+                return f"its output feeds the grouped conv {consumer.name!r}"
+            if consumer.name in self.pruned:
+                return f"the depthwise conv {consumer.name!r} is pruned too"
+            removal.consumers.append((consumer.name, 0))
+            removal.depthwise.append(consumer.name)
+            return ""
+        axis = 1 if consumer.op == "conv2d" or not consumer.transposed else 0
+        removal.consumers.append((consumer.name, axis))
+        if state is None:
+            return ""
+        # the removed channels are constant maps: fold their contribution into the bias
+        if consumer.op == "conv2d" and (tuple(consumer.weight_shape[2:]) != (1, 1) or any(
+                int(p) for p in consumer.call.attrs.padding)):
+            return (f"its channels reach {consumer.name!r} as constants past a depthwise "
+                    "conv, which only a 1x1 conv without padding can fold")
+        biases = filter_biases_of(self, consumer)
+        if len(biases) != 1 or consumer.name in self.pruned:
+            return (f"its channels reach {consumer.name!r} as constants past a depthwise "
+                    "conv, and that layer has no bias to fold them into")
+        weight = consumer.to_scheme_layout(self.values[consumer.name])
+        matrix = weight.reshape(weight.shape[0], weight.shape[1], -1)[:, :, 0]
+        removed = ~removal.kept
+        removal.folds.append((biases[0], matrix[:, removed].astype(np.float64) @ state))
+        return ""
+
+    def _step(self, removal: _Removal, var, state, user, stack) -> str:
         value = self.bound[user]
         consumer = self.weights.get(user)
         if consumer is not None and value.args[0].same_as(var):
-            if consumer.op == "conv2d" and consumer.groups != 1:
-                return f"its output feeds the grouped conv {consumer.name!r}"
-            axis = 1 if consumer.op == "conv2d" or not consumer.transposed else 0
-            removal.consumers.append((consumer.name, axis))
-            return ""
+            problem = self._consume(removal, consumer, state)
+            if not problem and consumer.name in removal.depthwise:
+                stack.append((user, np.zeros(int((~removal.kept).sum()))))
+            return problem
         if is_op(value, "relax.add"):
             other = value.args[1] if value.args[0].same_as(var) else value.args[0]
             name = self.param_of(other)
@@ -116,7 +153,9 @@ class _Tracer:
             removal.biases.append(name)
             if other not in self.params:
                 removal.reshapes.append(other)
-            stack.append(user)
+            if state is not None:
+                state = state + self.values[name].reshape(-1)[~removal.kept]
+            stack.append((user, state))
             return ""
         if is_op(value, "relax.maximum") or is_op(value, "relax.minimum") or \
                 is_op(value, "relax.call_tir"):
@@ -125,23 +164,29 @@ class _Tracer:
             operands = value.args if kind and not is_op(value, "relax.call_tir") \
                 else value.args[1].fields
             bound = self.scalar(operands[1]) if kind else None
-            if bound is None or (kind == "maximum" and bound > 0) or (
-                    kind == "minimum" and bound < 0):
+            if bound is None or (state is None and (
+                    (kind == "maximum" and bound > 0) or (kind == "minimum" and bound < 0))):
                 return "its output passes an op that makes a zero channel nonzero"
-            stack.append(user)
+            if state is not None:
+                state = np.maximum(state, bound) if kind == "maximum" else \
+                    np.minimum(state, bound)
+            stack.append((user, state))
             return ""
         if is_op(value, "relax.mean") and [int(a) for a in value.attrs.axis] == [2, 3]:
-            stack.append(user)
+            stack.append((user, state))
             return ""
         if is_op(value, "relax.reshape"):
             shape = [int(v) for v in value.args[0].ty.shape.values]
             if len(shape) == 4 and shape[2:] == [1, 1]:
                 removal.reshapes.append(user)
-                stack.append(user)
+                stack.append((user, state))
                 return ""
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
                 and value.op.name in _CHANNEL_OPS:
-            stack.append(user)
+            if state is not None and value.op.name != "relax.nn.relu":
+                return (f"its channels pass {value.op.name} as constants past a depthwise "
+                        "conv")
+            stack.append((user, None if state is None else np.maximum(state, 0)))
             return ""
         what = value.op.name if isinstance(value, relax.Call) and isinstance(
             value.op, tvm.ir.Op) else "an op"
@@ -153,12 +198,22 @@ class _Shrinker(relax.PyExprMutator):
     """Re-emits the function over the sliced parameters; the reshapes on the removed
     channels' path get their new channel count (bindings get their new shapes)."""
 
-    def __init__(self, mod, reshapes: list):
+    def __init__(self, mod, reshapes: list, regroup: dict):
         super().__init__(mod)
         self.mod_ = mod
         self.reshapes = reshapes    # [(reshape call, old channels, new channels)]
+        self.regroup = regroup      # depthwise weight name -> its new channel count
 
     def visit_call_(self, call):
+        if is_op(call, "relax.nn.conv2d") and isinstance(call.args[1], relax.Var) \
+                and call.args[1].name in self.regroup:
+            attrs = call.attrs
+            return relax.op.nn.conv2d(
+                self.visit_expr(call.args[0]), self.visit_expr(call.args[1]),
+                strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                groups=self.regroup[call.args[1].name], data_layout=attrs.data_layout,
+                kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
+                out_dtype=attrs.out_dtype)
         for original, old, new in self.reshapes:
             if call.same_as(original):
                 dims = [int(v) for v in call.args[1].values]
@@ -174,7 +229,10 @@ class _Shrinker(relax.PyExprMutator):
 
 def filter_biases(func, use: WeightUse) -> list[str]:
     """The bias parameters added right after a layer's output (one value per filter)."""
-    tracer = _Tracer(None, func, attached_params(func))
+    return filter_biases_of(_Tracer(None, func, attached_params(func)), use)
+
+
+def filter_biases_of(tracer: _Tracer, use: WeightUse) -> list[str]:
     found = []
     for user in tracer.users.get(use.var, []):
         value = tracer.bound[user]
@@ -213,8 +271,10 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
             return mod
         values = attached_params(func)
         tracer = _Tracer(mod, func, values)
+        pruned = {name for name, spec in specs.items() if spec.scheme == "filter"}
         shrunk: dict = {}
         reshapes: list = []
+        regroup: dict = {}
         removed: list = []
         for use in weight_uses(func):
             spec = specs.get(use.name)
@@ -228,7 +288,7 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
             elif removal.kept.all():
                 removal.problem = "no filter is all zeros"
             else:
-                tracer.trace(removal)
+                tracer.trace(removal, pruned)
             del specs[use.name]
             if removal.problem:
                 _log.warning("layer %r (filter %gx): %s; it keeps its zero filters (dense)",
@@ -243,8 +303,13 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
                                            axis=out_axis)
             for name in removal.biases:
                 shrunk[name] = np.compress(kept, values[name], axis=min(values[name].ndim - 1, 1))
+            for name, delta in removal.folds:  # before any slicing of that bias
+                bias = shrunk.get(name, values[name])
+                shrunk[name] = (bias + delta.reshape(bias.shape)).astype(bias.dtype)
             for name, axis in removal.consumers:
                 shrunk[name] = np.compress(kept, shrunk.get(name, values[name]), axis=axis)
+            for name in removal.depthwise:
+                regroup[name] = shrunk[name].shape[0]
             for var in removal.reshapes:
                 reshapes.append((tracer.bound[var], len(kept), int(kept.sum())))
             removed.append((use, spec, macs))
@@ -254,7 +319,7 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
                                 kept_macs))
         func = with_annotations(func, specs)
         if shrunk:
-            func = _replace_params(mod, func, shrunk, reshapes)
+            func = _replace_params(mod, func, shrunk, reshapes, regroup)
         mod = mod.clone()
         mod["main"] = func
         return mod
@@ -262,11 +327,12 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
     return remove
 
 
-def _replace_params(mod, func, shrunk: dict, reshapes: list):
-    """``func`` with the named parameters given new (smaller) values and shapes."""
+def _replace_params(mod, func, shrunk: dict, reshapes: list, regroup: dict | None = None):
+    """``func`` with the named parameters given new (smaller) values and shapes; the
+    depthwise convs of ``regroup`` (weight name -> channels) get their new groups."""
     num_input = int(func.attrs["num_input"])
     params, values = list(func.params), list(func.attrs["params"])
-    shrinker = _Shrinker(mod, reshapes)
+    shrinker = _Shrinker(mod, reshapes, regroup or {})
     for index, var in enumerate(params):
         if var.name in shrunk and index >= num_input:
             value = np.ascontiguousarray(shrunk[var.name], dtype=values[index - num_input].dtype)

@@ -227,6 +227,33 @@ def test_filter_pruning_removes_channels_and_matches(tmp_path):
     assert by_name["conv2.weight"].computed_macs * 6 == by_name["conv2.weight"].dense_macs
 
 
+@pytest.mark.parametrize("head", ["conv", "fc"])
+def test_filter_pruning_through_a_depthwise_conv_folds_its_constant_channels(tmp_path, head):
+    """MobileNet's expand -> depthwise -> project: the expand conv's removed channels
+    leave the depthwise conv too; their constant maps (its bias, clamped) are folded
+    into the project layer's bias, so the result still matches the pruned model."""
+    from npas_tvm.schemes import FilterSpec
+
+    g = make_graph((1, 8, 9, 9))
+    g.conv(24, kernel=1)
+    g.relu6()
+    g.conv(24, groups=24)
+    g.relu6()
+    if head == "conv":
+        g.conv(16, kernel=1)
+    else:
+        g.op("GlobalAveragePool")
+        g.flatten()
+        g.gemm(10)
+    model = load_onnx(g.save(tmp_path / "m.onnx"))
+    plan = {"conv1.weight": FilterSpec(rate=3)}
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    rows, _ = _lower_and_check(model, mod, tmp_path)
+    assert rows[0].kernel == "filters", rows[0].reason
+    assert rows[0].computed_macs * 3 == rows[0].dense_macs
+
+
 def test_filter_pruning_before_a_residual_add_keeps_the_zero_filters(tmp_path, caplog):
     from npas_tvm.schemes import FilterSpec
 
