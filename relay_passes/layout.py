@@ -77,14 +77,48 @@ def BlockedConvLayout(lanes: int) -> tvm.transform.Pass:  # pylint: disable=inva
         y = R.layout_transform(yb, ...)           # only where a consumer needs NCHW
     """
 
-    def desired(call):
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-            layouts = conv2d_layouts(call, lanes)
-            if layouts is not None:
-                return {"relax.nn.conv2d": layouts}
-        return {}
+    def convert(mod, block_lanes: int):
+        def desired(call):
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+                layouts = conv2d_layouts(call, block_lanes)
+                if layouts is not None:
+                    return {"relax.nn.conv2d": layouts}
+            return {}
 
-    return relax.transform.ConvertLayout({}, desired)
+        return relax.transform.ConvertLayout({}, desired)(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="BlockedConvLayout")
+    def blocked(mod, ctx):
+        try:
+            return convert(mod, lanes)
+        except tvm.error.InternalError:
+            # ConvertLayout fails on a channel concat of differently blocked inputs
+            # (e.g. 16 and 12 channels): one block that divides every conv's channels
+            block = channel_block(_channels_gcd(mod), lanes)
+            if block is None:
+                return mod  # plain NCHW: TVM's convolutions, correct but unblocked
+            return convert(mod, block)
+
+    return blocked
+
+
+def _channels_gcd(mod) -> int:
+    """The gcd of every conv2d's input and output channel counts in ``mod``."""
+    import math
+
+    found = [0]
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
+                and expr.op.name == "relax.nn.conv2d":
+            data, kernel = static_shape(expr.args[0]), static_shape(expr.args[1])
+            if data is not None and kernel is not None:
+                found[0] = math.gcd(found[0], data[1], kernel[0])
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found[0]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call):

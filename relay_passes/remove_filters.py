@@ -6,8 +6,9 @@ dense and get smaller. That is exact only where a removed channel is exactly zer
 the way to its consumers: :class:`~relay_passes.apply_pruning.ApplyPruning` zeroes the
 removed filters' biases, and the path may pass only ops that keep a zero channel zero
 (bias add, ReLU, a clamp whose bounds hold 0, pooling, global mean, the flatten after
-it). Where the channel meets anything else (a residual add, a concat) the layer keeps
-its zero filters, with a warning.
+it), and a channel concat (the channels keep their place among the other inputs', and
+the consumer loses those at their offset). Where the channel meets anything else (a
+residual add) the layer keeps its zero filters, with a warning.
 
 A depthwise conv on the path (MobileNet's expand -> depthwise -> project) loses the same
 channels. Its bias makes a removed channel a constant map, ``k = act(bias)``, which the
@@ -41,13 +42,15 @@ def kept_filters(weight: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Removal:
-    """One filter-pruned layer and what its removal touches."""
+    """One filter-pruned layer and what its removal touches. Each record carries the
+    keep mask of its channel space: the layer's filters, or a concat's output channels
+    (the layer's among the other inputs', which are all kept)."""
 
     use: WeightUse
     kept: np.ndarray
-    biases: list[str] = field(default_factory=list)       # params sliced on axis 0
-    consumers: list[tuple[str, int]] = field(default_factory=list)  # (param, axis)
-    reshapes: list[relax.Var] = field(default_factory=list)  # whose target shape shrinks
+    biases: list = field(default_factory=list)      # (param, mask): sliced on the channels
+    consumers: list = field(default_factory=list)   # (param, axis, mask)
+    reshapes: list = field(default_factory=list)    # (var, mask): target shape shrinks
     depthwise: list[str] = field(default_factory=list)    # convs whose groups shrink
     folds: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (bias, added)
     problem: str = ""
@@ -59,8 +62,9 @@ def _users(bound: dict) -> dict:
         if isinstance(value, relax.Call):
             args = value.args[1].fields if is_op(value, "relax.call_tir") else value.args
             for arg in args:
-                if isinstance(arg, relax.Var):
-                    users.setdefault(arg, []).append(var)
+                for item in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                    if isinstance(item, relax.Var):
+                        users.setdefault(item, []).append(var)
     return users
 
 
@@ -95,31 +99,33 @@ class _Tracer:
         return None
 
     def trace(self, removal: _Removal, pruned: set) -> None:
-        """Follow the removed channels; a state is None while they are zero, else the
-        constant each removed channel holds (past a depthwise conv)."""
+        """Follow the removed channels. A path is (variable, state, keep mask): the
+        state is None while the removed channels are zero, else the constant each holds
+        (past a depthwise conv); the mask is over the variable's channels."""
         self.pruned = pruned
-        stack, seen = [(removal.use.var, None)], set()
+        stack, seen = [(removal.use.var, None, removal.kept)], set()
         while stack and not removal.problem:
-            var, state = stack.pop()
+            var, state, mask = stack.pop()
             for user in self.users.get(var, []):
                 if user in seen:
                     continue
                 seen.add(user)
-                removal.problem = self._step(removal, var, state, user, stack)
+                removal.problem = self._step(removal, var, state, mask, user, stack)
                 if removal.problem:
                     return
 
-    def _consume(self, removal: _Removal, consumer: WeightUse, state) -> str:
+    def _consume(self, removal: _Removal, consumer: WeightUse, state, mask) -> str:
         if consumer.op == "conv2d" and consumer.groups != 1:
-            if consumer.kind != "depthwise" or state is not None:
+            if consumer.kind != "depthwise" or state is not None or \
+                    mask is not removal.kept:
                 return f"its output feeds the grouped conv {consumer.name!r}"
             if consumer.name in self.pruned:
                 return f"the depthwise conv {consumer.name!r} is pruned too"
-            removal.consumers.append((consumer.name, 0))
+            removal.consumers.append((consumer.name, 0, mask))
             removal.depthwise.append(consumer.name)
             return ""
         axis = 1 if consumer.op == "conv2d" or not consumer.transposed else 0
-        removal.consumers.append((consumer.name, axis))
+        removal.consumers.append((consumer.name, axis, mask))
         if state is None:
             return ""
         # the removed channels are constant maps: fold their contribution into the bias
@@ -133,29 +139,44 @@ class _Tracer:
                     "conv, and that layer has no bias to fold them into")
         weight = consumer.to_scheme_layout(self.values[consumer.name])
         matrix = weight.reshape(weight.shape[0], weight.shape[1], -1)[:, :, 0]
-        removed = ~removal.kept
-        removal.folds.append((biases[0], matrix[:, removed].astype(np.float64) @ state))
+        removal.folds.append((biases[0], matrix[:, ~mask].astype(np.float64) @ state))
         return ""
 
-    def _step(self, removal: _Removal, var, state, user, stack) -> str:
+    def _concat(self, removal: _Removal, var, state, mask, user, stack) -> str:
+        """A channel concat: the removed channels keep their place among the others'."""
+        value = self.bound[user]
+        parts = value.args[0].fields
+        ndim = len(value.ty.shape.values)
+        if int(value.attrs.axis) % ndim != 1 or sum(p.same_as(var) for p in parts) != 1:
+            return "its output meets a concat along another axis"
+        sizes = [int(p.ty.shape.values[1]) for p in parts]
+        at = [p.same_as(var) for p in parts].index(True)
+        wide = np.ones(sum(sizes), bool)
+        wide[sum(sizes[:at]):sum(sizes[:at + 1])] = mask
+        stack.append((user, state, wide))
+        return ""
+
+    def _step(self, removal: _Removal, var, state, mask, user, stack) -> str:
         value = self.bound[user]
         consumer = self.weights.get(user)
         if consumer is not None and value.args[0].same_as(var):
-            problem = self._consume(removal, consumer, state)
+            problem = self._consume(removal, consumer, state, mask)
             if not problem and consumer.name in removal.depthwise:
-                stack.append((user, np.zeros(int((~removal.kept).sum()))))
+                stack.append((user, np.zeros(int((~mask).sum())), mask))
             return problem
+        if is_op(value, "relax.concat"):
+            return self._concat(removal, var, state, mask, user, stack)
         if is_op(value, "relax.add"):
             other = value.args[1] if value.args[0].same_as(var) else value.args[0]
             name = self.param_of(other)
-            if name is None or self.values[name].size != len(removal.kept):
+            if name is None or self.values[name].size != len(mask):
                 return "its output meets a residual add or another tensor"
-            removal.biases.append(name)
+            removal.biases.append((name, mask))
             if other not in self.params:
-                removal.reshapes.append(other)
+                removal.reshapes.append((other, mask))
             if state is not None:
-                state = state + self.values[name].reshape(-1)[~removal.kept]
-            stack.append((user, state))
+                state = state + self.values[name].reshape(-1)[~mask]
+            stack.append((user, state, mask))
             return ""
         if is_op(value, "relax.maximum") or is_op(value, "relax.minimum") or \
                 is_op(value, "relax.call_tir"):
@@ -170,23 +191,23 @@ class _Tracer:
             if state is not None:
                 state = np.maximum(state, bound) if kind == "maximum" else \
                     np.minimum(state, bound)
-            stack.append((user, state))
+            stack.append((user, state, mask))
             return ""
         if is_op(value, "relax.mean") and [int(a) for a in value.attrs.axis] == [2, 3]:
-            stack.append((user, state))
+            stack.append((user, state, mask))
             return ""
         if is_op(value, "relax.reshape"):
             shape = [int(v) for v in value.args[0].ty.shape.values]
             if len(shape) == 4 and shape[2:] == [1, 1]:
-                removal.reshapes.append(user)
-                stack.append((user, state))
+                removal.reshapes.append((user, mask))
+                stack.append((user, state, mask))
                 return ""
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
                 and value.op.name in _CHANNEL_OPS:
             if state is not None and value.op.name != "relax.nn.relu":
                 return (f"its channels pass {value.op.name} as constants past a depthwise "
                         "conv")
-            stack.append((user, None if state is None else np.maximum(state, 0)))
+            stack.append((user, None if state is None else np.maximum(state, 0), mask))
             return ""
         what = value.op.name if isinstance(value, relax.Call) and isinstance(
             value.op, tvm.ir.Op) else "an op"
@@ -274,7 +295,10 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
         pruned = {name for name, spec in specs.items() if spec.scheme == "filter"}
         shrunk: dict = {}
         reshapes: list = []
-        regroup: dict = {}
+        keeps: dict = {}          # (param, axis) -> keep mask
+        reshape_keeps: dict = {}  # (reshape var, 0) -> keep mask
+        folds: dict = {}          # bias -> constant added
+        depthwise: list = []
         removed: list = []
         for use in weight_uses(func):
             spec = specs.get(use.name)
@@ -297,22 +321,28 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
                 report(LoweredLayer(use.name, use.kind, spec, None, removal.problem, macs,
                                     kept_macs, macs))
                 continue
-            kept = removal.kept
             out_axis = 1 if use.transposed else 0
-            shrunk[use.name] = np.compress(kept, shrunk.get(use.name, values[use.name]),
-                                           axis=out_axis)
-            for name in removal.biases:
-                shrunk[name] = np.compress(kept, values[name], axis=min(values[name].ndim - 1, 1))
-            for name, delta in removal.folds:  # before any slicing of that bias
-                bias = shrunk.get(name, values[name])
-                shrunk[name] = (bias + delta.reshape(bias.shape)).astype(bias.dtype)
-            for name, axis in removal.consumers:
-                shrunk[name] = np.compress(kept, shrunk.get(name, values[name]), axis=axis)
-            for name in removal.depthwise:
-                regroup[name] = shrunk[name].shape[0]
-            for var in removal.reshapes:
-                reshapes.append((tracer.bound[var], len(kept), int(kept.sum())))
+            _narrow(keeps, use.name, out_axis, removal.kept)
+            for name, mask in removal.biases:
+                _narrow(keeps, name, min(values[name].ndim - 1, 1), mask)
+            for name, axis, mask in removal.consumers:
+                _narrow(keeps, name, axis, mask)
+            for var, mask in removal.reshapes:
+                _narrow(reshape_keeps, var, 0, mask)
+            for name, delta in removal.folds:
+                folds[name] = folds.get(name, 0) + delta
+            depthwise += removal.depthwise
             removed.append((use, spec, macs))
+        # folds into the full biases first, then every cut at once (masks of one
+        # parameter, from several layers meeting at a concat, are combined)
+        for name, delta in folds.items():
+            shrunk[name] = (values[name] + delta.reshape(values[name].shape)).astype(
+                values[name].dtype)
+        for (name, axis), mask in keeps.items():
+            shrunk[name] = np.compress(mask, shrunk.get(name, values[name]), axis=axis)
+        for (var, _), mask in reshape_keeps.items():
+            reshapes.append((tracer.bound[var], len(mask), int(mask.sum())))
+        regroup = {name: shrunk[name].shape[0] for name in depthwise}
         for use, spec, macs in removed:  # MACs once every removal shrank the weights
             kept_macs = macs * shrunk[use.name].size // values[use.name].size
             report(LoweredLayer(use.name, use.kind, spec, "filters", "", macs, kept_macs,
@@ -325,6 +355,11 @@ def RemoveFilters(on_layer=None) -> tvm.transform.Pass:  # pylint: disable=inval
         return mod
 
     return remove
+
+
+def _narrow(keeps: dict, name, axis: int, mask: np.ndarray) -> None:
+    key = (name, axis)
+    keeps[key] = keeps[key] & mask if key in keeps else mask.copy()
 
 
 def _replace_params(mod, func, shrunk: dict, reshapes: list, regroup: dict | None = None):

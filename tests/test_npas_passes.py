@@ -23,7 +23,7 @@ from npas_tvm.schemes import (BlockBasedSpec, BlockPunchedSpec, PatternSpec, mak
 from npas_tvm.sparse_compile import write_pruned_onnx
 from npas_tvm.targets import resolve_target
 from relay_passes import (AnnotatePruning, ApplyPruning, DetectSparsity,
-                          LowerToSparseKernels)
+                          LowerToSparseKernels, RemoveFilters)
 from relay_passes.weights import attached_params, pruning_annotations, weight_uses
 
 
@@ -252,6 +252,36 @@ def test_filter_pruning_through_a_depthwise_conv_folds_its_constant_channels(tmp
     rows, _ = _lower_and_check(model, mod, tmp_path)
     assert rows[0].kernel == "filters", rows[0].reason
     assert rows[0].computed_macs * 3 == rows[0].dense_macs
+
+
+@pytest.mark.parametrize("pruned", [[], ["conv1.weight"], ["conv1.weight", "conv2.weight"]])
+def test_filter_pruning_before_a_concat_cuts_the_matching_channels(tmp_path, pruned):
+    """Two branches concatenated along channels: a pruned branch's removed channels keep
+    their place in the concat, and the consumer loses exactly those input channels
+    (both branches pruned: both sets, at their offsets). Unpruned, the branches' 16 and
+    12 channels take different blocks, which Relax's ConvertLayout cannot concat: the
+    layout pass falls back to one block for all convs."""
+    from npas_tvm.schemes import FilterSpec
+
+    g = make_graph((1, 8, 6, 6))
+    g.conv(16)
+    first = g.op("Relu")
+    g.last, g.shape = "x", (1, 8, 6, 6)
+    g.conv(12)
+    g.op("Relu")
+    g.op("Concat", first, axis=1)   # the second branch's channels come first
+    g.shape = (1, 28, 6, 6)
+    g.conv(10, kernel=1)
+    model = load_onnx(g.save(tmp_path / "m.onnx"))
+    plan = {name: FilterSpec(rate=2) for name in pruned}
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    rows, _ = _lower_and_check(model, mod, tmp_path)
+    assert [row.kernel for row in rows] == ["filters"] * len(pruned)
+    consumer = {"conv1.weight": 8, "conv2.weight": 6}  # removed input channels
+    kept_inputs = 28 - sum(consumer[name] for name in pruned)
+    shapes = {use.name: use.weight_shape for use in weight_uses(RemoveFilters()(mod)["main"])}
+    assert shapes["conv3.weight"][1] == kept_inputs
 
 
 def test_filter_pruning_before_a_residual_add_keeps_the_zero_filters(tmp_path, caplog):
