@@ -82,8 +82,10 @@ def family_goals(rows: list[dict]) -> list[str]:
                          and (layer, "unstructured", rate) in ms]
                 losses = [f"{rate:g}x" for rate in rates
                           if ms[(layer, scheme, rate)] >= ms[(layer, "unstructured", rate)]]
-                lines.append(f"{layer}: {scheme} vs CSR at {'/'.join(f'{r:g}' for r in rates)}x:"
-                             f" {'faster at every rate' if not losses else 'slower at ' + ', '.join(losses)}")
+                verdict = ("faster at every rate" if not losses
+                           else "slower at " + ", ".join(losses))
+                lines.append(f"{layer}: {scheme} vs CSR at "
+                             f"{'/'.join(f'{r:g}' for r in rates)}x: {verdict}")
         ratios = [(rate, ms[(layer, "unaligned_block", rate)] / ms[(layer, "block_based", rate)])
                   for (lay, sch, rate) in ms if lay == layer and sch == "unaligned_block"
                   and (layer, "block_based", rate) in ms]

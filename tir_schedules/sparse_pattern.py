@@ -188,18 +188,20 @@ def pack_pattern(weight: np.ndarray, groups: int = 1) -> PatternWeights:
 # --- compute ---------------------------------------------------------------------------
 
 
-def _entry_offset(p, k, table: list[list[int]]):
-    """The (p, k) entry of a constant table as an expression that folds to a constant
-    once ``p`` and ``k`` are unrolled (a chain of selects on equalities)."""
+def _lookup(p, e, table: list[list[int]]):
+    """``table[p][e]`` as an expression that folds to a constant once ``p`` and ``e``
+    are unrolled (a chain of selects on equalities; the entries that are 0 fall
+    through to the default 0)."""
     from tvm import te
 
-    expr = te.const(table[-1][-1], "int64")
-    for pp in range(len(table) - 1, -1, -1):
-        for kk in range(len(table[pp]) - 1, -1, -1):
-            if (pp, kk) == (len(table) - 1, len(table[pp]) - 1):
-                continue
-            expr = te.if_then_else(te.all(p == pp, k == kk),
-                                   te.const(table[pp][kk], "int64"), expr)
+    expr = te.const(0, "int64")
+    p, e = p.astype("int64"), e.astype("int64")  # the index dtype may change later
+    for pp, row in enumerate(table):
+        for ee, value in enumerate(row):
+            if value:
+                expr = te.if_then_else(te.all(p == te.const(pp, "int64"),
+                                              e == te.const(ee, "int64")),
+                                       te.const(value, "int64"), expr)
     return expr
 
 
@@ -228,7 +230,7 @@ def pattern_conv2d(data, weights, channels, counts, position, patterns: Sequence
 
     def body(b, f, q):
         s = position[f]
-        address = (channels[s, p, j].astype("int64") * grid.plane + _entry_offset(p, k, table)
+        address = (channels[s, p, j].astype("int64") * grid.plane + _lookup(p, k, table)
                    + grid.pixel_offset(q))
         return te.sum(te.if_then_else(j < counts[s * npat + p],
                                       weights[s, p, j, k] * flat[b, address], 0.0),
@@ -258,22 +260,6 @@ def schedule_pattern_conv2d(sch, cfg: CpuScheduleConfig) -> None:
 
 PATTERN_ENTRY_BLOCK = SPARSE_CONV_BLOCK + "_entries"  # bound_tap_loops finds the prefix
 PATTERN_SHIFT_BLOCK = "npas_pattern_shift_sum"
-
-
-def _lookup(p, e, table: list[list[int]]):
-    """``table[p][e]`` as an expression that folds to a constant once ``p`` and ``e``
-    are unrolled (a chain of selects on equalities)."""
-    from tvm import te
-
-    expr = te.const(0, "int64")
-    p, e = p.astype("int64"), e.astype("int64")  # the index dtype may change later
-    for pp, row in enumerate(table):
-        for ee, value in enumerate(row):
-            if value:
-                expr = te.if_then_else(te.all(p == te.const(pp, "int64"),
-                                              e == te.const(ee, "int64")),
-                                       te.const(value, "int64"), expr)
-    return expr
 
 
 def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: Sequence[int],
