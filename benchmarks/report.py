@@ -60,42 +60,11 @@ def kernel_table(folder: str) -> str:
         lines.append(f"| {layer} | {scheme} | "
                      + " | ".join(cells.get(r, "-") for r in (2, 3, 5, 10)) + " |")
     if family:
+        from benchmarks.kernels_family import family_goals
+
         lines += ["", "Kernel goals, same run:", ""] + [f"- {line}" for line in
                                                        family_goals(family)]
     return "\n".join(lines)
-
-
-def family_goals(rows: list[dict]) -> list[str]:
-    """One line per layer and goal: pattern at 3x vs dense TVM (want >= 2x); pattern and
-    block-punched vs CSR at equal rate (want faster); unaligned vs aligned blocks
-    (want <= 1.10x the time)."""
-    ms = {(r["layer"], r["scheme"], r["rate"]): r["ms"] for r in rows}
-    speedups = {(r["layer"], r["scheme"], r["rate"]): r["dense_ms"] / r["ms"] for r in rows}
-    lines = []
-    for layer in dict.fromkeys(r["layer"] for r in rows):
-        if (layer, "pattern", 3) in ms:
-            speedup = speedups[(layer, "pattern", 3)]
-            lines.append(f"{layer}: pattern at 3x runs {speedup:.2f}x faster than dense TVM "
-                         f"(goal 2x: {'met' if speedup >= 2 else 'missed'})")
-            for scheme in ("pattern", "block_punched"):
-                rates = [rate for (lay, sch, rate) in ms if lay == layer and sch == scheme
-                         and (layer, "unstructured", rate) in ms]
-                losses = [f"{rate:g}x" for rate in rates
-                          if ms[(layer, scheme, rate)] >= ms[(layer, "unstructured", rate)]]
-                verdict = ("faster at every rate" if not losses
-                           else "slower at " + ", ".join(losses))
-                lines.append(f"{layer}: {scheme} vs CSR at "
-                             f"{'/'.join(f'{r:g}' for r in rates)}x: {verdict}")
-        ratios = [(rate, ms[(layer, "unaligned_block", rate)] / ms[(layer, "block_based", rate)])
-                  for (lay, sch, rate) in ms if lay == layer and sch == "unaligned_block"
-                  and (layer, "block_based", rate) in ms]
-        if ratios:
-            worst = max(ratio for _, ratio in ratios)
-            lines.append(f"{layer}: unaligned / aligned block time at "
-                         f"{'/'.join(f'{rate:g}' for rate, _ in ratios)}x: "
-                         f"{' / '.join(f'{ratio:.2f}' for _, ratio in ratios)} "
-                         f"(goal <= 1.10: {'met' if worst <= 1.1 else 'missed'})")
-    return lines
 
 
 def section(results: dict, plots: list[str], folder: str = "") -> str:

@@ -366,9 +366,6 @@ class UnalignedBlockKernel(RowsKernel):
         return Packed(_GatheredForm(gathered), int(np.count_nonzero(weight)) * pixels,
                       gathered.kept_macs_per_pixel() * pixels)
 
-    def output_block(self, spec: SchemeSpec) -> int:
-        return self._block
-
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         if not isinstance(packed.arrays, _GatheredForm):
             return super().conv2d(bb, data, in_block, packed, geometry)

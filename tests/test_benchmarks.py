@@ -76,7 +76,7 @@ def test_report_renders_the_readme_section_from_json(tmp_path):
 
 
 def test_family_goals_read_each_row_against_its_own_dense_time():
-    from benchmarks.report import family_goals
+    from benchmarks.kernels_family import family_goals
 
     def row(layer, scheme, rate, ms, dense_ms):
         return {"layer": layer, "scheme": scheme, "rate": rate, "ms": ms,

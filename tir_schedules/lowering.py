@@ -9,8 +9,8 @@ pattern's loop instead of staying in the 32 vector registers (0.81 ms instead of
 ms on a 3x3 128->128 conv at 28x28 pruned 3x). :class:`KeepLocalTilesOnStack` marks
 ``local`` allocations up to a few KiB so that TVM leaves them as allocas.
 
-``tvm.compile(..., tir_pipeline=CPU_PIPELINE)`` or ``tvm.tirx.build(..., pipeline=
-CPU_PIPELINE)`` selects it (registered by importing this module).
+``tvm.compile(..., tir_pipeline=cpu_pipeline())`` or ``tvm.tirx.build(...,
+pipeline=cpu_pipeline())`` selects it.
 """
 
 from __future__ import annotations
@@ -67,14 +67,10 @@ def _cpu_pipeline():
             finalize_device)
 
 
-def register() -> str:
-    """Register :data:`CPU_PIPELINE` with TVM (idempotent); returns its name."""
+def cpu_pipeline() -> str:
+    """The name to pass as ``tir_pipeline`` for llvm targets (registered with TVM on
+    each call: a dict entry, idempotent)."""
     from tvm.tirx.compilation_pipeline import register_tir_pipeline
 
     register_tir_pipeline(CPU_PIPELINE, _cpu_pipeline)
     return CPU_PIPELINE
-
-
-def cpu_pipeline() -> str:
-    """The name to pass as ``tir_pipeline`` for llvm targets (registered on first use)."""
-    return register()

@@ -280,11 +280,15 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
         sch.parallel(outer)
 
 
-def unroll_tile(sch, block, lanes: int) -> None:
-    """A register tile's copy (loops under its parallel loop) unrolled and vectorized
-    ``lanes`` wide: one vector per accumulator register (a tile-wide vector makes LLVM
-    blend every FMA's result into one long value)."""
-    loops = sch.get_loops(block)[1:]
+def unroll_tile(sch, block, lanes: int, at=None) -> None:
+    """A register tile's copy (loops under ``at``, by default its outermost loop)
+    unrolled and vectorized ``lanes`` wide: one vector per accumulator register (a
+    tile-wide vector makes LLVM blend every FMA's result into one long value)."""
+    from tir_schedules.common import same
+
+    loops = sch.get_loops(block)
+    start = 0 if at is None else next(i for i, loop in enumerate(loops) if same(sch, loop, at))
+    loops = loops[start + 1:]
     outer, inner = sch.split(loops[-1], [None, lanes])
     for loop in [*loops[:-1], outer]:
         sch.unroll(loop)

@@ -51,11 +51,12 @@ from typing import Sequence
 import numpy as np
 
 from npas_tvm.schemes.pattern import CANDIDATE_BITS, CANDIDATES, CENTRE, PATTERN_SIZE
-from tir_schedules.common import find_block, loop_extents, same
+from tir_schedules.common import find_block, loop_extents
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.sparse_conv import SPARSE_CONV_BLOCK, TAP_AXIS
 from tir_schedules.sparse_csr import (TILE_ATTR, blocked_output, flat_input, pixel_grid,
-                                      pixel_tile_of, schedule_pixel_stages, tile_pixels)
+                                      pixel_tile_of, schedule_pixel_stages, tile_pixels,
+                                      unroll_tile)
 
 PATTERN_CONV_BLOCK = SPARSE_CONV_BLOCK + "_pattern"  # bound_tap_loops finds the prefix
 _BITS = 1 << np.arange(9)
@@ -326,9 +327,10 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
 
 
 def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
-    """Parallel over (image, filter) -> [the filter's products: pixel tiles -> patterns
-    (unrolled) -> the pattern's kernels (bounded by the count) -> entries (unrolled) ->
-    pixel vectors (unrolled) -> lanes] -> the shift-sum, vectorized along pixels."""
+    """Parallel over (image, group of filters) -> [the group's products: pixel tiles ->
+    filters -> patterns (unrolled) -> the pattern's kernels (bounded by the count) ->
+    entries (unrolled) -> pixel vectors (unrolled) -> lanes] -> the shift-sum,
+    vectorized along pixels."""
     entries = find_block(sch, PATTERN_ENTRY_BLOCK)
     shift = find_block(sch, PATTERN_SHIFT_BLOCK)
     _, filters, used, positions, npat, most = loop_extents(sch, entries)
@@ -347,6 +349,7 @@ def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
     products = sch.get(entries).writes[0].source
     read = [i for i, region in enumerate(sch.get(shift).reads)
             if region.source.same_as(products)][0]
+
     def whole_row(b, s, _unit, q):
         from tvm import tirx
 
@@ -364,13 +367,7 @@ def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
     sch.reorder(r_o, s_i, p, j, e, r_v, r_l)
     acc = sch.cache_write(entries, 0, "local")
     sch.reverse_compute_at(acc, s_i)
-    loops = sch.get_loops(acc)
-    at = next(i for i, loop in enumerate(loops) if same(sch, loop, s_i))
-    own = loops[at + 1:]
-    lane_o, lane_i = sch.split(own[-1], [None, cfg.lanes])
-    for loop in [*own[:-1], lane_o]:
-        sch.unroll(loop)
-    sch.vectorize(lane_i)
+    unroll_tile(sch, acc, cfg.lanes, at=s_i)
     for loop in (p, e, r_v):
         sch.unroll(loop)
     sch.vectorize(r_l)
@@ -388,7 +385,7 @@ def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
 def entries_pixel_tile(lanes: int, registers: int) -> int:
     """Pixels per register tile of :func:`pattern_entries_conv2d`: the 9 entries'
     accumulators and the input, ``tile / lanes`` vectors each, plus a broadcast and
-    some slack (32 registers of 16 lanes: 48 pixels; 16 of 8: 8; NEON: 8)."""
+    some slack (32 registers of 16 lanes: 48 pixels; 16 of 8: 8; NEON, 32 of 4: 12)."""
     vectors = max(1, (registers - 2) // (9 + 1))
     return lanes * vectors
 
