@@ -72,12 +72,13 @@ def _pattern_weight(rng, filters, group_in, rate, patterns):
     return weight * make_mask(weight, PatternSpec(rate=rate, patterns=patterns))
 
 
-def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4, entries=False, tile=32):
+def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4, entries=False, tile=32,
+                pad=None):
     from tvm import te
 
     packed = sp.pack_pattern(weight, groups)
     xb = _blocked(x, ib)
-    pad = [dilation[0], dilation[1]] * 2
+    pad = [dilation[0], dilation[1]] * 2 if pad is None else list(pad)
     ph = [te.placeholder(xb.shape, name="data"), te.placeholder(packed.weights.shape, name="w"),
           te.placeholder(packed.channels.shape, "int32", name="ch"),
           te.placeholder(packed.counts.shape, "int32", name="n"),
@@ -173,16 +174,22 @@ def test_pattern_kernel_matches_numpy(seed, channels, filters, size, stride, dil
        filters=st.sampled_from([4, 8, 12]), size=st.integers(3, 12),
        dilation=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]),
        rate=st.sampled_from([2.25, 3, 5, 10]), patterns=st.integers(1, 8),
-       tile=st.sampled_from([16, 32, 48]))
+       tile=st.sampled_from([16, 32, 48]),
+       padding=st.sampled_from(["same", "valid", "top_left", "bottom_right"]))
 def test_pattern_entry_form_matches_numpy(seed, channels, filters, size, dilation, groups,
-                                          rate, patterns, tile):
-    """The CPU form for stride 1: per-entry products over the padded plane, then shifts;
-    any tile (the products' extent is rounded to it), filter group and pattern set."""
+                                          rate, patterns, tile, padding):
+    """The CPU form for stride 1: per-entry products over the input plane (rows a zero
+    gap apart, padding rows skipped), then shifts; any tile, padding (the gap is the
+    wider side's), filter group and pattern set."""
     rng = np.random.default_rng(seed)
     weight = _pattern_weight(rng, filters, channels // groups, rate, patterns)
+    size = max(size, 2 * dilation + 1)
     x = rng.standard_normal((1, channels, size, size)).astype("float32")
-    _close(*run_pattern(x, weight, (1, 1), (dilation, dilation), groups, entries=True,
-                        tile=tile))
+    d = dilation
+    pad = {"same": (d, d, d, d), "valid": (0, 0, 0, 0), "top_left": (2 * d, 2 * d, 0, 0),
+           "bottom_right": (0, 0, 2 * d, 2 * d)}[padding]
+    _close(*run_pattern(x, weight, (1, 1), (d, d), groups, entries=True, tile=tile,
+                        pad=pad))
 
 
 def test_pattern_entry_form_keeps_its_register_tile_on_the_stack():

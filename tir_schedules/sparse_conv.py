@@ -417,8 +417,8 @@ def _is_tap_guard(expr) -> bool:
             and isinstance(expr.args[0], tvm.prim.LT)):
         return False
     bound = expr.args[0].b
-    if isinstance(bound, tvm.prim.Cast):
-        bound = bound.value
+    while isinstance(bound, (tvm.prim.Cast, tvm.prim.Mul)):  # a count, maybe times
+        bound = bound.value if isinstance(bound, tvm.prim.Cast) else bound.a  # 0/1 factors
     return (isinstance(bound, tvm.ir.TensorLoad) and len(bound.indices) == 1
             and "int" in str(bound.ty))
 

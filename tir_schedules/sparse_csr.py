@@ -172,16 +172,17 @@ def flat_input(data, grid: PixelGrid, extent: int | None = None):
                       attrs={"npas_row": wp, "npas_plane_rows": grid.plane_rows})
 
 
-def blocked_output(acc_at, n: int, grid: PixelGrid, out_channels: int, out_block: int):
+def blocked_output(acc_at, n: int, grid: PixelGrid | None, out_channels: int, out_block: int,
+                   out_grid: tuple[int, int, int] | None = None):
     """``NCHW{out_block}c`` output from ``acc_at(b, channel, q)`` (the kernel's flat
-    accumulators); fused epilogues run in this stage."""
+    accumulators, output pixel ``(oh, ow)`` at ``q = oh * pitch + ow``: ``grid``'s row
+    pitch, or ``out_grid = (out_h, out_w, pitch)``); fused epilogues run in this stage."""
     from tvm import te
 
     if out_channels % out_block:
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
-    out_h, out_w = grid.out_size
-    pitch = grid.row_pitch
+    out_h, out_w, pitch = out_grid or (*grid.out_size, grid.row_pitch)
     return te.compute((n, out_channels // out_block, out_h, out_w, out_block),
                       lambda b, co, oh, ow, ci: acc_at(b, co * out_block + ci, oh * pitch + ow),
                       name=PIXEL_OUT_BLOCK)

@@ -38,8 +38,9 @@ Two forms of the same math (a target picks one in its schedule, see
   all 4 of its entries into per-entry accumulators (the 9 positions of the 3x3 window
   stay in registers across all patterns); a second stage sums the entries' planes at
   their constant shifts. Loads per FMA drop from about 1 + 1/tile to 0.6, at the price
-  of products over the padded plane (a 2-row, 2-column halo). On a 3x3 128->128 conv
-  at 28x28 pruned 3x (AVX-512, 1 thread): 0.77 ms against 1.56 ms for the direct form
+  of products at the zero column between input rows and of the last tile's rounding
+  (the padding rows' products are zeros nobody computes). On a 3x3 128->128 conv at
+  28x28 pruned 3x (AVX-512, 1 thread): 0.70 ms against 1.56 ms for the direct form
   and 1.37 ms for TVM's dense kernel.
 """
 
@@ -271,37 +272,53 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
 
     Per filter ``s`` and kernel entry ``e`` (one of the 3x3 positions its layer's
     patterns use): ``acc[s, e, r] = sum_(p, j) w[s, p, j, entry e of p] * x[channel[s, p,
-    j], r]`` over every position ``r`` of the padded input plane, then ``out[s, q] =
-    sum_e acc[s, e, q + offset(e)]``. The products read each kept kernel's input vector
-    once for its 4 entries, at one aligned address (planes start at multiples of
-    ``lanes``); with the pattern loop unrolled, kernel ``j`` of pattern ``p`` adds to the
-    4 accumulators of ``p``'s entries and no other (the other terms are constant zeros,
-    folded away): one code path per pattern, and the 9 entries' accumulators stay in
-    registers across all patterns. Same arrays and result as :func:`pattern_conv2d`.
+    j], r]`` over the input plane, then ``out[s, q] = sum_e acc[s, e, q + offset(e)]``.
+    The products read each kept kernel's input vector once for its 4 entries, at one
+    aligned address (planes start at multiples of ``lanes``); with the pattern loop
+    unrolled, kernel ``j`` of pattern ``p`` adds to the 4 accumulators of ``p``'s
+    entries and no other (the other terms are constant zeros, folded away): one code
+    path per pattern, and the 9 entries' accumulators stay in registers across all
+    patterns. Same arrays and result as :func:`pattern_conv2d`.
+
+    Only the input's own pixels are multiplied: its rows sit in the plane with a gap of
+    ``max(left, right)`` zero columns between them (one gap pads both sides of a row,
+    so a 28-wide map takes a pitch of 29, not 30), and the products of the padding rows
+    are zeros that no FMA computes: the tiles outside the input rows get a trip count
+    of 0 (``counts * live``), so only their zeros are stored.
     """
     from tvm import te
 
     if tuple(int(s) for s in strides) != (1, 1):
         raise ValueError("the entry-shift form needs stride 1; use pattern_conv2d")
-    n = int(data.shape[0])
+    n, _, height, width, _ = (int(v) for v in data.shape)
     filters, npat, most, size = (int(v) for v in weights.shape)
     if npat != len(patterns) or size != PATTERN_SIZE:
         raise ValueError(f"weights {tuple(weights.shape)} vs {len(patterns)} patterns")
-    grid = pixel_grid(data.shape, (3, 3), strides, padding, dilation, pixel_tile,
-                      plane_quantum=lanes)
+    top, left, bottom, right = (int(v) for v in padding)
+    dil_y, dil_x = (int(v) for v in dilation)
+    out_h, out_w = height + top + bottom - 2 * dil_y, width + left + right - 2 * dil_x
+    tile = pixel_tile
+    gap = max(left, right)
+    pitch = width + gap
+    live = -(-height * pitch // tile) * tile  # the products that can be nonzero
+    grid = pixel_grid(data.shape, (1, 1), (1, 1), (0, gap, -(-live // pitch) - height, 0),
+                      (1, 1), tile, plane_quantum=lanes)
     used = sorted({int(e) for pid in patterns for e in np.flatnonzero(CANDIDATES[pid])})
-    offsets = [grid.tap_offset(0, e // 3, e % 3) for e in used]
+    # output pixel q = oh * pitch + ow reads entry e's product at plane position q + offset
+    offsets = [(e // 3 * dil_y - top) * pitch + gap + e % 3 * dil_x - left for e in used]
     # member[p][e] = 1 + the entry's slot in pattern p's 4 weights (0: not in p)
     member = [[0] * len(used) for _ in patterns]
     for p, pid in enumerate(patterns):
         for k, e in enumerate(np.flatnonzero(CANDIDATES[pid])):
             member[p][used.index(int(e))] = k + 1
-    out_h, out_w = grid.out_size
-    # the shift-sum covers the output pixels up to the last real one (lane multiple),
-    # the products what those read
-    sums = -(-((out_h - 1) * grid.row_pitch + out_w) // lanes) * lanes
-    positions = -(-(sums + max(offsets)) // pixel_tile) * pixel_tile
-    flat = flat_input(data, grid, (grid.channels - 1) * grid.plane + positions)
+    # products at r = margin + plane position: the margin (whole tiles) takes the
+    # shift-sum's reads above the first input row; the sum covers the output pixels up
+    # to the last real one (lane multiple), the products what those read
+    margin = -(-max(0, -min(offsets)) // tile) * tile
+    sums = -(-((out_h - 1) * pitch + out_w) // lanes) * lanes
+    positions = -(-max(margin + sums + max(offsets), margin + live) // tile) * tile
+    first, last = margin // tile, (margin + live) // tile
+    flat = flat_input(data, grid, grid.channels * grid.plane)
     p = te.reduce_axis((0, npat), name="pattern")
     j = te.reduce_axis((0, most), name=TAP_AXIS)
 
@@ -310,20 +327,25 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
         slot = _lookup(p, e, member)
         in_pattern = (slot > 0).astype("float32")  # 1 or 0 once unrolled: 0 terms fold away
         term = (weights[s, p, j, te.max(slot - 1, 0)] * in_pattern
-                * flat[b, channels[s, p, j].astype("int64") * grid.plane + r])
-        return te.sum(te.if_then_else(j < counts[s * npat + p], term, 0.0), axis=[p, j])
+                * flat[b, channels[s, p, j].astype("int64") * grid.plane + r - margin])
+        t = r // tile  # 1 inside the input rows, else 0, in a form that stays a function
+        within = (te.min(te.max(t - first + 1, 0), 1)  # of the tile (hoisted by
+                  * te.min(te.max(last - t, 0), 1)).astype("int32")  # bound_tap_loops)
+        return te.sum(te.if_then_else(j < counts[s * npat + p] * within, term, 0.0),
+                      axis=[p, j])
 
     acc = te.compute((n, filters, len(used), positions), products, name=PATTERN_ENTRY_BLOCK,
                      attrs={TILE_ATTR: pixel_tile})
 
     def shifted(b, s, unit, q):  # the unit axis: one per products' axis (see schedule)
-        total = acc[b, s, 0, q + offsets[0]]
+        total = acc[b, s, 0, q + margin + offsets[0]]
         for e in range(1, len(used)):
-            total = total + acc[b, s, e, q + offsets[e]]
+            total = total + acc[b, s, e, q + margin + offsets[e]]
         return total
 
     summed = te.compute((n, filters, 1, sums), shifted, name=PATTERN_SHIFT_BLOCK)
-    return blocked_output(lambda b, m, q: summed[b, m, 0, q], n, grid, filters, out_block)
+    return blocked_output(lambda b, m, q: summed[b, m, 0, q], n, None, filters, out_block,
+                          out_grid=(out_h, out_w, pitch))
 
 
 def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
@@ -392,7 +414,7 @@ def entries_pixel_tile(lanes: int, registers: int) -> int:
 
 def entries_form_pays(stride: Sequence[int], family: str) -> bool:
     """Whether a layer takes :func:`pattern_entries_conv2d` rather than
-    :func:`pattern_conv2d`: on CPUs, for stride 1 (the products cover the padded input
-    plane, which stride 2 would compute four times over). The GPU schedule runs the
+    :func:`pattern_conv2d`: on CPUs, for stride 1 (the products cover the input plane,
+    which stride 2 would compute four times over). The GPU schedule runs the
     direct form (one work-item per output, no per-filter products buffer)."""
     return family in ("x86", "arm") and tuple(int(v) for v in stride) == (1, 1)
