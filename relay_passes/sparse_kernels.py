@@ -274,8 +274,10 @@ class PatternKernel(PixelKernel):
         if entries_form_pays(geometry.strides, _target_family()):
             lanes = _target_lanes()
             self._block = channel_block(geometry.out_channels, lanes) or 1
-            return bb.call_te(pattern_entries_conv2d, *args,
-                              entries_pixel_tile(lanes, _target_registers(lanes)),
+            _, _, height, width = geometry.data_shape
+            tile = entries_pixel_tile(lanes, _target_registers(lanes), height, width,
+                                      max(geometry.padding[1], geometry.padding[3]))
+            return bb.call_te(pattern_entries_conv2d, *args, tile,
                               self._block, lanes, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)
         return bb.call_te(pattern_conv2d, *args, tile, block,

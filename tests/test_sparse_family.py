@@ -369,3 +369,19 @@ def test_pattern_plan_is_satisfied_after_pruning():
     rng = np.random.default_rng(0)
     weight = _pattern_weight(rng, 8, 8, 3, 8)
     assert satisfies(weight, PatternSpec(rate=3))
+
+
+@PACK
+@given(lanes=st.sampled_from([4, 8, 16]), registers=st.sampled_from([16, 32]),
+       size=st.integers(3, 64), gap=st.integers(0, 2))
+def test_entry_tile_fits_the_registers_and_wastes_least(lanes, registers, size, gap):
+    """The entry form's tile: whole vectors, 9 entries' accumulators plus the input fit
+    the registers, and no fitting size computes fewer products (ties: the wider)."""
+    tile = sp.entries_pixel_tile(lanes, registers, size, size, gap)
+    vectors = tile // lanes
+    assert tile % lanes == 0 and vectors >= 1
+    assert vectors == 1 or 10 * vectors + 2 <= registers
+    live = lambda t: -(-size * (size + gap) // t) * t  # noqa: E731
+    fitting = [lanes * v for v in range(1, max(1, (registers - 2) // 10) + 1)]
+    assert all(live(tile) < live(wider) for wider in fitting if wider > tile)
+    assert sp.entries_pixel_tile(16, 32, 14, 14) == 32 and sp.entries_pixel_tile(16, 32, 28, 28) == 48
