@@ -244,7 +244,9 @@ class PatternKernel(PixelKernel):
     1x1 products, then constant shifts), else the direct form."""
 
     name = "pattern"
-    relative_speed = 0.5  # 3x3 128@28 at 3x, 1 thread: 1.5-1.8x faster than dense (of 3x)
+    # 3x3 128@28, 1 thread: 0.62 of dense's FLOP rate at 3x (1.86x faster), 0.50 at 5x,
+    # 0.36 at 10x; the middle one (a single figure per kernel)
+    relative_speed = 0.5
 
     def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
         if geometry.op != "conv2d" or tuple(geometry.weight_shape[2:]) != (3, 3):
@@ -263,7 +265,7 @@ class PatternKernel(PixelKernel):
         from tvm import relax
 
         from relay_passes.layout import channel_block
-        from tir_schedules.sparse_pattern import (entries_form_pays, entries_pixel_tile,
+        from tir_schedules.sparse_pattern import (choose_entry_form, entries_form_pays,
                                                   pattern_conv2d, pattern_entries_conv2d)
 
         arrays = packed.arrays
@@ -275,10 +277,10 @@ class PatternKernel(PixelKernel):
             lanes = _target_lanes()
             self._block = channel_block(geometry.out_channels, lanes) or 1
             _, _, height, width = geometry.data_shape
-            tile = entries_pixel_tile(lanes, _target_registers(lanes), height, width,
-                                      max(geometry.padding[1], geometry.padding[3]))
-            return bb.call_te(pattern_entries_conv2d, *args, tile,
-                              self._block, lanes, primfunc_name_hint="sparse_pattern_conv2d")
+            form = choose_entry_form(lanes, _target_registers(lanes), height, width,
+                                     geometry.padding, geometry.dilation)
+            return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
+                              form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)
         return bb.call_te(pattern_conv2d, *args, tile, block,
                           primfunc_name_hint="sparse_pattern_conv2d")

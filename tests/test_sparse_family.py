@@ -73,7 +73,7 @@ def _pattern_weight(rng, filters, group_in, rate, patterns):
 
 
 def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4, entries=False, tile=32,
-                pad=None):
+                pad=None, fold_rows=False):
     from tvm import te
 
     packed = sp.pack_pattern(weight, groups)
@@ -86,7 +86,7 @@ def run_pattern(x, weight, strides, dilation, groups, ib=4, ob=4, entries=False,
     if entries:
         lanes = _host()[1].lanes
         out = sp.pattern_entries_conv2d(*ph, packed.patterns, strides, pad, dilation, tile,
-                                        ob, lanes)
+                                        ob, lanes, fold_rows)
     else:
         out = sp.pattern_conv2d(*ph, packed.patterns, strides, pad, dilation, tile, ob)
     got = _build(out, ph, [xb, packed.weights, packed.channels, packed.counts,
@@ -174,13 +174,13 @@ def test_pattern_kernel_matches_numpy(seed, channels, filters, size, stride, dil
        filters=st.sampled_from([4, 8, 12]), size=st.integers(3, 12),
        dilation=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]),
        rate=st.sampled_from([2.25, 3, 5, 10]), patterns=st.integers(1, 8),
-       tile=st.sampled_from([16, 32, 48]),
+       tile=st.sampled_from([16, 32, 48, 112]), fold_rows=st.booleans(),
        padding=st.sampled_from(["same", "valid", "top_left", "bottom_right"]))
 def test_pattern_entry_form_matches_numpy(seed, channels, filters, size, dilation, groups,
-                                          rate, patterns, tile, padding):
-    """The CPU form for stride 1: per-entry products over the input plane (rows a zero
-    gap apart, padding rows skipped), then shifts; any tile, padding (the gap is the
-    wider side's), filter group and pattern set."""
+                                          rate, patterns, tile, fold_rows, padding):
+    """The CPU form for stride 1: per-plane products, then shifts; entry planes (input
+    rows a zero gap apart, padding rows skipped) or column planes (row shifts at the
+    load); any tile, padding, filter group and pattern set."""
     rng = np.random.default_rng(seed)
     weight = _pattern_weight(rng, filters, channels // groups, rate, patterns)
     size = max(size, 2 * dilation + 1)
@@ -189,13 +189,14 @@ def test_pattern_entry_form_matches_numpy(seed, channels, filters, size, dilatio
     pad = {"same": (d, d, d, d), "valid": (0, 0, 0, 0), "top_left": (2 * d, 2 * d, 0, 0),
            "bottom_right": (0, 0, 2 * d, 2 * d)}[padding]
     _close(*run_pattern(x, weight, (1, 1), (d, d), groups, entries=True, tile=tile,
-                        pad=pad))
+                        pad=pad, fold_rows=fold_rows))
 
 
-def test_pattern_entry_form_keeps_its_register_tile_on_the_stack():
-    """Its accumulators (9 entries x the tile) exceed TVM's 1 KiB stack limit; the CPU
-    pipeline keeps them an alloca (a heap workspace would be stored around every
-    pattern's loop)."""
+@pytest.mark.parametrize("form", [sp.EntryForm(False, 48), sp.EntryForm(True, 112)])
+def test_pattern_entry_form_keeps_its_register_tile_on_the_stack(form):
+    """Its accumulators (9 entries x 3 vectors, or 3 columns x 7) exceed TVM's 1 KiB
+    stack limit; the CPU pipeline keeps them an alloca (a heap workspace would be
+    stored around every pattern's loop)."""
     import tvm
     from tvm import te
 
@@ -209,8 +210,8 @@ def test_pattern_entry_form_keeps_its_register_tile_on_the_stack():
           te.placeholder(packed.channels.shape, "int32", name="ch"),
           te.placeholder(packed.counts.shape, "int32", name="n"),
           te.placeholder(packed.position.shape, "int32", name="pos")]
-    out = sp.pattern_entries_conv2d(*ph, packed.patterns, (1, 1), (1, 1, 1, 1), (1, 1), 48,
-                                    4, 16)
+    out = sp.pattern_entries_conv2d(*ph, packed.patterns, (1, 1), (1, 1, 1, 1), (1, 1),
+                                    form.tile, 4, 16, form.fold_rows)
     spec, cfg = _host()
     func = schedule_primfunc(te.create_prim_func([*ph, out], index_dtype_override="int64"),
                              cfg)
@@ -373,15 +374,26 @@ def test_pattern_plan_is_satisfied_after_pruning():
 
 @PACK
 @given(lanes=st.sampled_from([4, 8, 16]), registers=st.sampled_from([16, 32]),
-       size=st.integers(3, 64), gap=st.integers(0, 2))
-def test_entry_tile_fits_the_registers_and_wastes_least(lanes, registers, size, gap):
-    """The entry form's tile: whole vectors, 9 entries' accumulators plus the input fit
-    the registers, and no fitting size computes fewer products (ties: the wider)."""
-    tile = sp.entries_pixel_tile(lanes, registers, size, size, gap)
-    vectors = tile // lanes
-    assert tile % lanes == 0 and vectors >= 1
-    assert vectors == 1 or 10 * vectors + 2 <= registers
-    live = lambda t: -(-size * (size + gap) // t) * t  # noqa: E731
-    fitting = [lanes * v for v in range(1, max(1, (registers - 2) // 10) + 1)]
-    assert all(live(tile) < live(wider) for wider in fitting if wider > tile)
-    assert sp.entries_pixel_tile(16, 32, 14, 14) == 32 and sp.entries_pixel_tile(16, 32, 28, 28) == 48
+       size=st.integers(3, 64), pad=st.integers(0, 2))
+def test_entry_form_fits_the_registers_and_costs_least(lanes, registers, size, pad):
+    """The entry form's planes and tile: whole vectors, the planes' accumulators plus
+    the inputs fit the registers, and no wider tile of the same planes that fits
+    computes as few products (it would cost less)."""
+    padding = (pad, pad, pad, pad)
+    form = sp.choose_entry_form(lanes, registers, size, size, padding)
+    vectors = form.tile // lanes
+    assert form.tile % lanes == 0 and vectors >= 1
+    assert vectors == 1 or (3 * vectors + 10 if form.fold_rows else 10 * vectors + 2) <= registers
+    live = lambda f: sp._entry_layout(f, size, size, padding, (1, 1), lanes)[2]  # noqa: E731
+    fitting = [sp.EntryForm(fold, lanes * v) for fold, most in
+               ((False, max(1, (registers - 2) // 10)), (True, max(1, (registers - 10) // 3)))
+               for v in range(1, most + 1)]
+    assert all(live(other) > live(form) for other in fitting
+               if other.fold_rows == form.fold_rows and other.tile > form.tile)
+
+
+def test_entry_form_choices_measured_on_avx512():
+    """The two layers of the kernel benchmark: 14x14 takes column planes (pitch 16,
+    two tiles of 112), 28x28 entry planes (pitch 29)."""
+    assert sp.choose_entry_form(16, 32, 14, 14) == sp.EntryForm(True, 112)
+    assert sp.choose_entry_form(16, 32, 28, 28) == sp.EntryForm(False, 48)

@@ -41,7 +41,11 @@ Two forms of the same math (a target picks one in its schedule, see
   of products at the zero column between input rows and of the last tile's rounding
   (the padding rows' products are zeros nobody computes). On a 3x3 128->128 conv at
   28x28 pruned 3x (AVX-512, 1 thread): 0.70 ms against 1.56 ms for the direct form
-  and 1.37 ms for TVM's dense kernel.
+  and 1.37 ms for TVM's dense kernel. Where the row pitch rounded up to the SIMD width
+  wastes little (a 14-wide map: 16), the entries of one kernel column share a plane
+  and their row offsets move into the (still aligned) loads: 3 planes, so a 7-vector
+  tile, a third of the loop exits (:class:`EntryForm`, :func:`choose_entry_form`); on
+  256->256 at 14x14 pruned 3x, 0.67 ms against 0.73 ms with 9 planes.
 """
 
 from __future__ import annotations
@@ -264,27 +268,61 @@ PATTERN_ENTRY_BLOCK = SPARSE_CONV_BLOCK + "_entries"  # bound_tap_loops finds th
 PATTERN_SHIFT_BLOCK = "npas_pattern_shift_sum"
 
 
+@dataclass(frozen=True)
+class EntryForm:
+    """How :func:`pattern_entries_conv2d` lays out a layer (chosen by
+    :func:`choose_entry_form`).
+
+    ``fold_rows=False``: one accumulator plane per kernel entry (9), the input rows a
+    zero gap apart (pitch ``W + 1`` for a same-padded map), products skipped on the
+    padding rows. ``fold_rows=True``: one plane per kernel column (3); the row offset
+    of an entry is applied at its input load instead, which stays aligned because the
+    row pitch is rounded up to the SIMD width (16 lanes: a 14-wide map keeps its 16,
+    a 28-wide one grows from 30 to 32). Three planes leave registers for a tile of 7
+    vectors where nine allow 3: a third of the pattern loops (whose exits the branch
+    predictor misses when their trip counts vary) and a third of the shift-sum."""
+
+    fold_rows: bool
+    tile: int
+
+
+def _entry_layout(form: EntryForm, height: int, width: int, padding, dilation, lanes: int):
+    """(pitch, plane padding (top, left, bottom, right), products in use) of a form."""
+    top, left, bottom, right = (int(v) for v in padding)
+    out_h = height + top + bottom - 2 * int(dilation[0])
+    if form.fold_rows:
+        pitch = -(-(width + left + right) // lanes) * lanes
+        live = -(-out_h * pitch // form.tile) * form.tile
+        rows = max(height + top + bottom, -(-(live + 2 * int(dilation[0]) * pitch) // pitch))
+        return pitch, (top, left, rows - height - top, pitch - width - left), live
+    gap = max(left, right)
+    pitch = width + gap
+    live = -(-height * pitch // form.tile) * form.tile
+    return pitch, (0, gap, -(-live // pitch) - height, 0), live
+
+
 def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: Sequence[int],
                            strides: Sequence[int], padding: Sequence[int],
                            dilation: Sequence[int], pixel_tile: int, out_block: int,
-                           lanes: int = 16):
+                           lanes: int = 16, fold_rows: bool = False):
     """Pattern-sparse 3x3 convolution with stride 1 as 1x1 products, then shifts.
 
-    Per filter ``s`` and kernel entry ``e`` (one of the 3x3 positions its layer's
-    patterns use): ``acc[s, e, r] = sum_(p, j) w[s, p, j, entry e of p] * x[channel[s, p,
-    j], r]`` over the input plane, then ``out[s, q] = sum_e acc[s, e, q + offset(e)]``.
-    The products read each kept kernel's input vector once for its 4 entries, at one
-    aligned address (planes start at multiples of ``lanes``); with the pattern loop
-    unrolled, kernel ``j`` of pattern ``p`` adds to the 4 accumulators of ``p``'s
-    entries and no other (the other terms are constant zeros, folded away): one code
-    path per pattern, and the 9 entries' accumulators stay in registers across all
-    patterns. Same arrays and result as :func:`pattern_conv2d`.
+    Per filter ``s`` and accumulator plane ``e``: ``acc[s, e, r] = sum_(p, j, k) w[s, p,
+    j, entry k of plane e in p] * x[channel[s, p, j], r + row shift of k]`` over the
+    input plane, then ``out[s, q] = sum_e acc[s, e, q + offset(e)]``. A plane is one
+    kernel entry (its input read unshifted) or, with ``form.fold_rows``, one kernel
+    column (its three rows read at aligned row shifts): see :class:`EntryForm`. The
+    products read each kept kernel's input vectors once for its 4 entries, at aligned
+    addresses (planes start at multiples of ``lanes``); with the pattern loop unrolled,
+    kernel ``j`` of pattern ``p`` adds to the planes of ``p``'s entries and no other
+    (the other terms are constant zeros, folded away): one code path per pattern, and
+    the planes' accumulators stay in registers across all patterns. Same arrays and
+    result as :func:`pattern_conv2d`; ``pixel_tile`` and ``fold_rows`` are an
+    :class:`EntryForm`'s (Relax's ``call_te`` passes numbers, not objects).
 
-    Only the input's own pixels are multiplied: its rows sit in the plane with a gap of
-    ``max(left, right)`` zero columns between them (one gap pads both sides of a row,
-    so a 28-wide map takes a pitch of 29, not 30), and the products of the padding rows
-    are zeros that no FMA computes: the tiles outside the input rows get a trip count
-    of 0 (``counts * live``), so only their zeros are stored.
+    Only the planes' own pixels are multiplied (entry planes: the input rows a zero gap
+    apart, and the products of the padding rows are zeros no FMA computes: the tiles
+    outside the input rows get a trip count of 0, ``counts * live``).
     """
     from tvm import te
 
@@ -294,26 +332,38 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
     filters, npat, most, size = (int(v) for v in weights.shape)
     if npat != len(patterns) or size != PATTERN_SIZE:
         raise ValueError(f"weights {tuple(weights.shape)} vs {len(patterns)} patterns")
+    if filters % out_block:
+        raise ValueError(f"{filters} output channels are not a multiple of the output "
+                         f"block {out_block}")
     top, left, bottom, right = (int(v) for v in padding)
     dil_y, dil_x = (int(v) for v in dilation)
     out_h, out_w = height + top + bottom - 2 * dil_y, width + left + right - 2 * dil_x
-    tile = pixel_tile
-    gap = max(left, right)
-    pitch = width + gap
-    live = -(-height * pitch // tile) * tile  # the products that can be nonzero
-    grid = pixel_grid(data.shape, (1, 1), (1, 1), (0, gap, -(-live // pitch) - height, 0),
-                      (1, 1), tile, plane_quantum=lanes)
+    form = EntryForm(bool(int(fold_rows)), int(pixel_tile))
+    tile = form.tile
+    pitch, plane_padding, live = _entry_layout(form, height, width, padding, dilation, lanes)
+    grid = pixel_grid(data.shape, (1, 1), (1, 1), plane_padding, (1, 1), tile,
+                      plane_quantum=lanes)
     used = sorted({int(e) for pid in patterns for e in np.flatnonzero(CANDIDATES[pid])})
-    # output pixel q = oh * pitch + ow reads entry e's product at plane position q + offset
-    offsets = [(e // 3 * dil_y - top) * pitch + gap + e % 3 * dil_x - left for e in used]
-    # member[p][e] = 1 + the entry's slot in pattern p's 4 weights (0: not in p)
-    member = [[0] * len(used) for _ in patterns]
+    slot = [[0] * 9 for _ in patterns]  # 1 + the entry's index in pattern p's 4 weights
     for p, pid in enumerate(patterns):
         for k, e in enumerate(np.flatnonzero(CANDIDATES[pid])):
-            member[p][used.index(int(e))] = k + 1
-    # products at r = margin + plane position: the margin (whole tiles) takes the
-    # shift-sum's reads above the first input row; the sum covers the output pixels up
-    # to the last real one (lane multiple), the products what those read
+            slot[p][int(e)] = k + 1
+    if form.fold_rows:  # plane = kernel column; fold k = kernel row, read k rows lower
+        planes = sorted({e % 3 for e in used})
+        entry_of = [[ky * 3 + kx for ky in range(3)] for kx in planes]
+        load_shift = [ky * dil_y * pitch for ky in range(3)]
+        offsets = [kx * dil_x for kx in planes]
+    else:  # plane = kernel entry, read unshifted
+        planes = used
+        entry_of = [[e] for e in used]
+        load_shift = [0]
+        gap = plane_padding[1]
+        offsets = [(e // 3 * dil_y - top) * pitch + gap + e % 3 * dil_x - left for e in used]
+    # member[p][plane * folds + k] = 1 + the weight index of (plane, fold k) in pattern p
+    member = [[slot[p][entry] for row in entry_of for entry in row] for p in range(npat)]
+    folds = len(entry_of[0])
+    # entry planes: products at r = margin + plane position; the margin (whole tiles)
+    # takes the shift-sum's reads above the first input row
     margin = -(-max(0, -min(offsets)) // tile) * tile
     sums = -(-((out_h - 1) * pitch + out_w) // lanes) * lanes
     positions = -(-max(margin + sums + max(offsets), margin + live) // tile) * tile
@@ -321,25 +371,29 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
     flat = flat_input(data, grid, grid.channels * grid.plane)
     p = te.reduce_axis((0, npat), name="pattern")
     j = te.reduce_axis((0, most), name=TAP_AXIS)
+    k = te.reduce_axis((0, folds), name="fold")
+    shift = _lookup(k, te.const(0, "int64"), [[v] for v in load_shift])
 
     def products(b, m, e, r):  # output channel m, stored at position[m]
         s = position[m]
-        slot = _lookup(p, e, member)
-        in_pattern = (slot > 0).astype("float32")  # 1 or 0 once unrolled: 0 terms fold away
-        term = (weights[s, p, j, te.max(slot - 1, 0)] * in_pattern
-                * flat[b, channels[s, p, j].astype("int64") * grid.plane + r - margin])
-        t = r // tile  # 1 inside the input rows, else 0, in a form that stays a function
-        within = (te.min(te.max(t - first + 1, 0), 1)  # of the tile (hoisted by
-                  * te.min(te.max(last - t, 0), 1)).astype("int32")  # bound_tap_loops)
-        return te.sum(te.if_then_else(j < counts[s * npat + p] * within, term, 0.0),
-                      axis=[p, j])
+        index = _lookup(p, e * folds + k, member)
+        in_pattern = (index > 0).astype("float32")  # 1 or 0 once unrolled: folds away
+        term = (weights[s, p, j, te.max(index - 1, 0)] * in_pattern
+                * flat[b, channels[s, p, j].astype("int64") * grid.plane + r - margin
+                       + shift])
+        bound = counts[s * npat + p]
+        if first > 0 or last < positions // tile:
+            t = r // tile  # 1 inside the input rows, else 0, in a form that stays a
+            bound = bound * (te.min(te.max(t - first + 1, 0), 1)  # function of the tile
+                             * te.min(te.max(last - t, 0), 1)).astype("int32")
+        return te.sum(te.if_then_else(j < bound, term, 0.0), axis=[p, j, k])
 
-    acc = te.compute((n, filters, len(used), positions), products, name=PATTERN_ENTRY_BLOCK,
-                     attrs={TILE_ATTR: pixel_tile})
+    acc = te.compute((n, filters, len(planes), positions), products, name=PATTERN_ENTRY_BLOCK,
+                     attrs={TILE_ATTR: tile})
 
     def shifted(b, s, unit, q):  # the unit axis: one per products' axis (see schedule)
         total = acc[b, s, 0, q + margin + offsets[0]]
-        for e in range(1, len(used)):
+        for e in range(1, len(planes)):
             total = total + acc[b, s, e, q + margin + offsets[e]]
         return total
 
@@ -351,11 +405,11 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
 def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
     """Parallel over (image, group of filters) -> [the group's products: pixel tiles ->
     filters -> patterns (unrolled) -> the pattern's kernels (bounded by the count) ->
-    entries (unrolled) -> pixel vectors (unrolled) -> lanes] -> the shift-sum,
-    vectorized along pixels."""
+    folded rows and planes (unrolled) -> pixel vectors (unrolled) -> lanes] -> the
+    shift-sum, vectorized along pixels."""
     entries = find_block(sch, PATTERN_ENTRY_BLOCK)
     shift = find_block(sch, PATTERN_SHIFT_BLOCK)
-    _, filters, used, positions, npat, most = loop_extents(sch, entries)
+    _, filters, used, positions, npat, most, _ = loop_extents(sch, entries)
     work = 2 * filters * PATTERN_SIZE * positions * most * npat
     schedule_pixel_stages(sch, shift, cfg, work)
     b, s, _, q = sch.get_loops(shift)
@@ -382,15 +436,15 @@ def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
 
     sch.annotate_buffer_access(shift, read, "read", whole_row)
     sch.compute_at(entries, outer, preserve_unit_loops=True)
-    s_i, e, r, p, j = sch.get_loops(entries)[-5:]
+    s_i, e, r, p, j, k = sch.get_loops(entries)[-6:]
     tile = pixel_tile_of(sch, entries)
     vectors = max(1, tile // cfg.lanes)
     r_o, r_v, r_l = sch.split(r, [None, vectors, tile // vectors])
-    sch.reorder(r_o, s_i, p, j, e, r_v, r_l)
+    sch.reorder(r_o, s_i, p, j, k, e, r_v, r_l)
     acc = sch.cache_write(entries, 0, "local")
     sch.reverse_compute_at(acc, s_i)
     unroll_tile(sch, acc, cfg.lanes, at=s_i)
-    for loop in (p, e, r_v):
+    for loop in (p, k, e, r_v):
         sch.unroll(loop)
     sch.vectorize(r_l)
     sch.decompose_reduction(entries, p)
@@ -404,26 +458,33 @@ def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
     return max(d for d in range(1, want + 1) if filters % d == 0)
 
 
-def entries_pixel_tile(lanes: int, registers: int, height: int | None = None,
-                       width: int | None = None, gap: int = 1) -> int:
-    """Pixels per register tile of :func:`pattern_entries_conv2d`, a multiple of
-    ``lanes``: the 9 entries' accumulators and the input, ``tile / lanes`` vectors each,
-    plus a broadcast and some slack fit the registers (32 registers of 16 lanes: up to
-    48 pixels; 16 of 8: 8; NEON, 32 of 4: 12). Given the input map (``height`` x
-    ``width``, rows ``gap`` zero columns apart), the size with the least cost: the
-    products, rounded up to whole tiles, times ``3 + 1 / vectors`` (a narrower tile
-    loads its input vector for fewer FMAs). On AVX-512 that picks 32 pixels at 14x14
-    (224 products for 210, 4% faster than 48) and 48 at 28x28 (816 for 812, 6% faster
-    than 32)."""
-    most = max(1, (registers - 2) // (9 + 1))
+def choose_entry_form(lanes: int, registers: int, height: int | None = None,
+                      width: int | None = None, padding: Sequence[int] = (1, 1, 1, 1),
+                      dilation: Sequence[int] = (1, 1)) -> EntryForm:
+    """The :class:`EntryForm` of a layer: planes and tile that fit the registers (per
+    vector of the tile, 9 entry planes plus the input, or 3 column planes with a few
+    input vectors and the broadcasts: 32 registers of 16 lanes allow 48 or 112 pixels;
+    NEON's 32 of 4, 12 or 28), and among those the least cost: the products computed,
+    rounded up to whole tiles, times ``3 + 1 / vectors`` (a narrower tile loads its
+    input for fewer FMAs), column planes 4% dearer per product (measured on AVX-512:
+    they compute 3% more per position on 28x28 and 9% less on 14x14, where their tile
+    is 7 vectors and the entries' 2). So a 14x14 map takes column planes (224 products,
+    pitch 16, two tiles) and a 28x28 one entry planes (816 products at pitch 29,
+    against 896 at pitch 32)."""
+    entry_vectors = max(1, (registers - 2) // (9 + 1))
+    column_vectors = max(1, (registers - 10) // 3)
     if height is None or width is None:
-        return lanes * most
+        return EntryForm(False, lanes * entry_vectors)
+    forms = [EntryForm(fold, lanes * v) for fold, most in ((False, entry_vectors),
+                                                           (True, column_vectors))
+             for v in range(most, 0, -1)]
 
-    def cost(vectors: int) -> float:
-        tile = lanes * vectors
-        return -(-height * (width + gap) // tile) * tile * (3 + 1 / vectors)
+    def cost(form: EntryForm) -> float:
+        live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
+        vectors = form.tile // lanes
+        return live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
 
-    return lanes * min(range(most, 0, -1), key=cost)
+    return min(forms, key=cost)
 
 
 def entries_form_pays(stride: Sequence[int], family: str) -> bool:
