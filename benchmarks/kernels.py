@@ -137,12 +137,14 @@ def sparse_kernel(kind, x, weight, lanes, spec, cfg):
     packed = sc.pack_gathered(weight, lanes)
     values = te.placeholder(packed.values.shape, name="values")
     counts = te.placeholder(packed.counts.shape, "int32", name="counts")
-    if kind == "fc":
-        taps_array = packed.gemm_taps()
+    if kind == "fc":  # as the pipeline emits it (partial sums at batch 1)
+        chains = sc.dense_chains(x.shape[0], lanes, lanes)
+        values_array, taps_array = sc.pad_to_chains(packed.values, packed.gemm_taps(), chains)
+        values = te.placeholder(values_array.shape, name="values")
         data = te.placeholder(x.shape, name="data")
         taps = te.placeholder(taps_array.shape, "int32", name="taps")
-        out = sc.sparse_dense(data, values, taps, counts, packed.out_channels)
-        arrays = [x, packed.values, taps_array, packed.counts]
+        out = sc.sparse_dense(data, values, taps, counts, packed.out_channels, chains)
+        arrays = [x, values_array, taps_array, packed.counts]
     else:
         xb = blocked(x, lanes)
         kernel = packed.kernel_size[0]

@@ -168,9 +168,18 @@ class GatheredKernel(SparseKernel):
                           primfunc_name_hint="sparse_conv2d_nchwc")
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
-        from tir_schedules.sparse_conv import sparse_dense
+        from tvm import relax
 
-        return bb.call_te(sparse_dense, data, *self._constants(packed), geometry.out_channels,
+        from tir_schedules.sparse_conv import dense_chains, pad_to_chains, sparse_dense
+
+        arrays = packed.arrays
+        chains = 1
+        if _target_family() in CPU_FAMILIES:  # partial sums where rows are few
+            chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
+                                  int(arrays.values.shape[2]), _target_lanes())
+        values, taps = pad_to_chains(arrays.values, arrays.gemm_taps(), chains)
+        return bb.call_te(sparse_dense, data, relax.const(values), relax.const(taps),
+                          relax.const(arrays.counts), geometry.out_channels, chains,
                           primfunc_name_hint="sparse_dense")
 
 

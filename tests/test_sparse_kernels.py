@@ -102,29 +102,32 @@ def run_conv(x, weight, block, ib, strides=(1, 1), padding=(0, 0, 0, 0), dilatio
     return _unblocked(out.numpy())
 
 
-def dense_func(packed: sc.GatheredWeights, rows: int, gemm_taps: bool = True):
+def dense_func(packed: sc.GatheredWeights, rows: int, gemm_taps: bool = True,
+               chains: int = 1):
     from tvm import te
 
-    taps_array = packed.gemm_taps() if gemm_taps else packed.taps
+    values_array, taps_array = sc.pad_to_chains(
+        packed.values, packed.gemm_taps() if gemm_taps else packed.taps, chains)
     data = te.placeholder((rows, packed.in_channels), name="data")
-    values = te.placeholder(packed.values.shape, name="values")
+    values = te.placeholder(values_array.shape, name="values")
     taps = te.placeholder(taps_array.shape, "int32", name="taps")
     counts = te.placeholder(packed.counts.shape, "int32", name="counts")
-    out = sc.sparse_dense(data, values, taps, counts, packed.out_channels)
+    out = sc.sparse_dense(data, values, taps, counts, packed.out_channels, chains)
     return te.create_prim_func([data, values, taps, counts, out], index_dtype_override="int64")
 
 
-def run_dense(x, weight, block, gemm_taps=True):
+def run_dense(x, weight, block, gemm_taps=True, chains=1):
     import tvm
 
     spec, cfg = _host()
     packed = sc.pack_gathered(weight, block)
-    lib = tvm.compile(_schedule(dense_func(packed, x.shape[0], gemm_taps), cfg),
-                      spec.tvm_target)
-    taps = packed.gemm_taps() if gemm_taps else packed.taps
+    func = _schedule(dense_func(packed, x.shape[0], gemm_taps, chains), cfg)
+    lib = tvm.compile(func, spec.tvm_target)
+    values, taps = sc.pad_to_chains(packed.values,
+                                    packed.gemm_taps() if gemm_taps else packed.taps, chains)
     out = tvm.runtime.empty((x.shape[0], weight.shape[0]), "float32", tvm.cpu())
     lib(*[tvm.runtime.tensor(np.ascontiguousarray(a))
-          for a in (x, packed.values, taps, packed.counts)], out)
+          for a in (x, values, taps, packed.counts)], out)
     return out.numpy()
 
 
@@ -251,13 +254,26 @@ def test_sparse_conv_blocks_without_taps():
 @BUILD
 @given(rows=st.integers(1, 5), in_features=st.integers(1, 40), out_features=st.integers(1, 40),
        block=st.sampled_from([4, 8, 16]), keep=st.sampled_from([0.0, 0.1, 0.4, 1.0]),
-       gemm_taps=st.booleans(), seed=st.integers(0, 2**32 - 1))
+       gemm_taps=st.booleans(), chains=st.sampled_from([1, 2, 8]),
+       seed=st.integers(0, 2**32 - 1))
 def test_sparse_dense_matches_numpy(rows, in_features, out_features, block, keep, gemm_taps,
-                                    seed):
+                                    chains, seed):
+    """Any shape, density and block; with partial sums (``chains``) too, whatever the
+    blocks' tap counts modulo the chains."""
     rng = np.random.default_rng(seed)
     weight = _masked(rng, (out_features, in_features), keep)
     x = rng.standard_normal((rows, in_features)).astype("float32")
-    assert_close(run_dense(x, weight, block, gemm_taps), x.astype(np.float64) @ weight.T)
+    assert_close(run_dense(x, weight, block, gemm_taps, chains),
+                 x.astype(np.float64) @ weight.T)
+
+
+def test_dense_chains_where_one_accumulator_would_wait():
+    """Batch 1 with one vector per block (AVX-512, 16-row blocks): 2 partial sums;
+    NEON's 4 vectors per block or a few rows already give independent FMAs."""
+    assert sc.dense_chains(1, 16, 16) == 2
+    assert sc.dense_chains(1, 8, 16) == 2
+    assert sc.dense_chains(1, 16, 4) == 1
+    assert sc.dense_chains(4, 16, 16) == 1
 
 
 # --- masks of the pruning schemes ---------------------------------------------------------
