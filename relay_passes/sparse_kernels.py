@@ -341,7 +341,9 @@ class UnalignedBlockKernel(RowsKernel):
     block is cut where it crosses a tile boundary and each piece becomes a tap of the
     gathered kernel (vectorized along the tile's filters, :class:`GatheredKernel`):
     a block costs at most two vector FMAs per pixel where an aligned one costs one. Else
-    (odd channel counts, depthwise) the row tiles of :class:`RowsKernel`.
+    (odd channel counts, depthwise) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
+    store each block once, rotated (``tir_schedules.sparse_unaligned``): at batch 1 they
+    are bound by their weights' bytes, which the two pieces would double.
 
     A lane cannot move between vector registers inside an FMA, so with filters as the
     vector axis an unaligned block's 16 products land in two registers; with pixels as
@@ -368,8 +370,15 @@ class UnalignedBlockKernel(RowsKernel):
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
         from tir_schedules.sparse_conv import pack_gathered
+        from tir_schedules.sparse_unaligned import pack_rotated
 
         tile = self._tile(geometry)
+        if geometry.op == "matmul" and _target_family() in CPU_FAMILIES:
+            self.name = "unaligned_rotated"
+            rotated = pack_rotated(weight, _target_lanes())
+            rows = geometry.output_pixels()
+            return Packed(rotated, int(np.count_nonzero(weight)) * rows,
+                          2 * rotated.blocks() * rotated.lanes * rows)
         if tile is None:
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
@@ -387,6 +396,17 @@ class UnalignedBlockKernel(RowsKernel):
         return GATHERED.conv2d(bb, data, in_block, inner, geometry)
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
+        from tvm import relax
+
+        from tir_schedules.sparse_unaligned import RotatedBlocks, lane_masks, unaligned_dense
+
+        if isinstance(packed.arrays, RotatedBlocks):
+            rotated = packed.arrays
+            constants = [relax.const(a) for a in (rotated.values, rotated.columns,
+                                                  rotated.shifts, rotated.counts,
+                                                  lane_masks(rotated.lanes))]
+            return bb.call_te(unaligned_dense, data, *constants, geometry.out_channels,
+                              primfunc_name_hint="sparse_dense")
         arrays = packed.arrays.arrays if isinstance(packed.arrays, _GatheredForm) \
             else packed.arrays
         return GATHERED.matmul(bb, data, Packed(arrays, packed.kept_macs,

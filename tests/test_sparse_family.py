@@ -21,6 +21,7 @@ from npas_tvm.schemes import (PatternSpec, UnalignedBlockSpec, UnstructuredSpec,
 from tir_schedules import sparse_conv as sc
 from tir_schedules import sparse_csr as cs
 from tir_schedules import sparse_pattern as sp
+from tir_schedules import sparse_unaligned as su
 from tir_schedules.lowering import cpu_pipeline
 
 BUILD = settings(max_examples=6, deadline=None,
@@ -294,7 +295,54 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert all(row.kernel is not None for row in rows.values())
     assert rows["conv1.weight"].kernel == "unaligned_rows"  # 20 filters: no SIMD tiles
-    assert rows["fc3.weight"].kernel == "unaligned_gathered"
+    assert rows["fc3.weight"].kernel == "unaligned_rotated"  # a GEMM: one vector a block
+
+
+@PACK
+@given(seed=st.integers(0, 10**6), out_features=st.integers(1, 70),
+       in_features=st.integers(1, 40), lanes=st.sampled_from([4, 8, 16]),
+       ubp=st.booleans(), rate=st.sampled_from([2, 3, 5]))
+def test_rotated_blocks_round_trip(seed, out_features, in_features, lanes, ubp, rate):
+    """Every nonzero lands in exactly one rotated block (UBP masks or any other); a UBP
+    mask's blocks are found exactly (as many as it kept)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_features, in_features)).astype("float32")
+    if ubp and out_features >= lanes:
+        weight *= make_mask(weight, UnalignedBlockSpec(rate=rate, block=(lanes, 1)))
+    else:
+        weight *= rng.random(weight.shape) < 1 / rate
+    packed = su.pack_rotated(weight, lanes)
+    np.testing.assert_array_equal(packed.unpack(), weight)
+    if ubp and out_features >= lanes:
+        assert packed.blocks() * lanes == np.count_nonzero(weight)
+
+
+@BUILD
+@given(seed=st.integers(0, 10**6), rows=st.integers(1, 3), out_features=st.integers(1, 40),
+       in_features=st.integers(1, 40), lanes=st.sampled_from([4, 16]))
+def test_unaligned_dense_matches_numpy(seed, rows, out_features, in_features, lanes):
+    import tvm
+    from tvm import te
+
+    from tir_schedules import schedule_primfunc
+
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_features, in_features)).astype("float32")
+    weight *= rng.random(weight.shape) < 0.4
+    packed = su.pack_rotated(weight, lanes)
+    x = rng.standard_normal((rows, in_features)).astype("float32")
+    arrays = [x, packed.values, packed.columns, packed.shifts, packed.counts,
+              su.lane_masks(lanes)]
+    ph = [te.placeholder(a.shape, str(a.dtype), name=f"a{i}") for i, a in enumerate(arrays)]
+    out = su.unaligned_dense(*ph, out_features)
+    spec, cfg = _host()
+    func = schedule_primfunc(te.create_prim_func([*ph, out], index_dtype_override="int64"),
+                             cfg)
+    assert func is not None, "the sparse GEMM template did not apply"
+    lib = tvm.compile(func, spec.tvm_target, tir_pipeline=cpu_pipeline())
+    got = tvm.runtime.empty((rows, out_features), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(a) for a in arrays], got)
+    _close(got.numpy(), x.astype(np.float64) @ weight.T)
 
 
 @pytest.mark.slow
