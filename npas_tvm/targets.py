@@ -55,9 +55,16 @@ class TargetSpec:
     @property
     def family(self) -> str:
         """Schedule family: "x86", "arm" or "opencl" (a target differs in its schedule)."""
-        if self.tvm_target.kind.name == "opencl":
-            return "opencl"
-        return "arm" if "arm_cpu" in list(self.tvm_target.keys) else "x86"
+        return schedule_family(self.tvm_target)
+
+
+def schedule_family(tvm_target) -> str:
+    """"x86", "arm" or "opencl" for a ``tvm.target.Target`` (None: the host, x86)."""
+    if tvm_target is None:
+        return "x86"
+    if tvm_target.kind.name == "opencl":
+        return "opencl"
+    return "arm" if "arm_cpu" in list(tvm_target.keys) else "x86"
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

@@ -206,10 +206,9 @@ def _target_family() -> str:
     """x86, arm or opencl: the family of the target being compiled."""
     from tvm.target import Target
 
-    target = Target.current(allow_none=True)
-    if target is None or target.kind.name == "llvm":
-        return "arm" if target is not None and "arm_cpu" in target.keys else "x86"
-    return "opencl"
+    from npas_tvm.targets import schedule_family
+
+    return schedule_family(Target.current(allow_none=True))
 
 
 def _target_registers(lanes: int) -> int:
@@ -372,13 +371,13 @@ class UnalignedBlockKernel(RowsKernel):
         from tir_schedules.sparse_conv import pack_gathered
         from tir_schedules.sparse_unaligned import pack_rotated
 
-        tile = self._tile(geometry)
         if geometry.op == "matmul" and _target_family() in CPU_FAMILIES:
             self.name = "unaligned_rotated"
             rotated = pack_rotated(weight, _target_lanes())
             rows = geometry.output_pixels()
             return Packed(rotated, int(np.count_nonzero(weight)) * rows,
                           2 * rotated.blocks() * rotated.lanes * rows)
+        tile = self._tile(geometry)
         if tile is None:
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)

@@ -293,37 +293,32 @@ def sparse_dense(data, values, taps, counts, out_features: int, chains: int = 1)
         raise ValueError(f"sparse_dense: {out_features} outputs do not fit {blocks} blocks "
                          f"of {out_block}")
     three = len(taps.shape) == 3
-    if chains > 1:
-        if max_taps % chains:
-            raise ValueError(f"sparse_dense: {max_taps} taps are not whole chains of {chains}")
-        t = te.reduce_axis((0, max_taps // chains), name=TAP_AXIS)
+    if max_taps % chains:
+        raise ValueError(f"sparse_dense: {max_taps} taps are not whole chains of {chains}")
+    t = te.reduce_axis((0, max_taps // chains), name=TAP_AXIS)
 
-        def chained(i, b, u, o):
-            tap = t * chains + u
-            k = taps[b, tap, 0] if three else taps[b, tap]
-            return te.sum(te.if_then_else(t < (counts[b] + (chains - 1)) // chains,
-                                          values[b, tap, o] * data[i, k], 0.0), axis=t)
+    def body(i, b, u, o):  # partial sum u: taps t * chains + u
+        tap = t * chains + u if chains > 1 else t
+        k = taps[b, tap, 0] if three else taps[b, tap]
+        bound = counts[b] if chains == 1 else (counts[b] + (chains - 1)) // chains
+        return te.sum(te.if_then_else(t < bound, values[b, tap, o] * data[i, k], 0.0), axis=t)
 
-        partial = te.compute((n, blocks, chains, out_block), chained, name=SPARSE_DENSE_BLOCK)
+    if chains == 1:
+        rows = te.compute((n, blocks, out_block), lambda i, b, o: body(i, b, 0, o),
+                          name=SPARSE_DENSE_BLOCK)
+        return te.compute((n, out_features),
+                          lambda i, m: rows[i, m // out_block, m % out_block],
+                          name=DENSE_ROWS_BLOCK)
+    partial = te.compute((n, blocks, chains, out_block), body, name=SPARSE_DENSE_BLOCK)
 
-        def total(i, m):
-            b, o = m // out_block, m % out_block
-            result = partial[i, b, 0, o]
-            for u in range(1, chains):
-                result = result + partial[i, b, u, o]
-            return result
+    def total(i, m):
+        b, o = m // out_block, m % out_block
+        result = partial[i, b, 0, o]
+        for u in range(1, chains):
+            result = result + partial[i, b, u, o]
+        return result
 
-        return te.compute((n, out_features), total, name=DENSE_ROWS_BLOCK)
-    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
-
-    def body(i, b, o):
-        k = taps[b, t, 0] if three else taps[b, t]
-        return te.sum(te.if_then_else(t < counts[b], values[b, t, o] * data[i, k], 0.0),
-                      axis=t)
-
-    rows = te.compute((n, blocks, out_block), body, name=SPARSE_DENSE_BLOCK)
-    return te.compute((n, out_features), lambda i, m: rows[i, m // out_block, m % out_block],
-                      name=DENSE_ROWS_BLOCK)
+    return te.compute((n, out_features), total, name=DENSE_ROWS_BLOCK)
 
 
 def pad_to_chains(values: np.ndarray, taps: np.ndarray, chains: int):
