@@ -269,9 +269,16 @@ def bench_layer(layer, rate, lanes, spec, cfg, thread_counts, rounds, round_ms):
     return rows
 
 
+ROUND_MS = 20.0  # default length of one engine's timed round
+MIN_CALLS = 10  # back-to-back calls in a round, at the least
+
+
 def calls_per_round(fn, round_ms: float) -> int:
     """Back-to-back calls that make one timed round last about ``round_ms`` (at least
-    5), so the first, cache-cold call of a round weighs little in its mean."""
+    ``MIN_CALLS``), so the first call of a round weighs little in its mean: after the
+    pause it finds cold caches and an untrained branch predictor (+0.2 ms on a 0.7 ms
+    pattern kernel, +0.13 ms on a 1.4 ms dense one), which rounds of 5 calls (3 ms)
+    weighed at a fifth."""
     import time
 
     for _ in range(3):
@@ -279,7 +286,7 @@ def calls_per_round(fn, round_ms: float) -> int:
     start = time.perf_counter()
     fn()
     once_ms = (time.perf_counter() - start) * 1e3
-    return max(5, min(500, round(round_ms / max(once_ms, 1e-6))))
+    return max(MIN_CALLS, min(500, round(round_ms / max(once_ms, 1e-6))))
 
 
 def repeat(fn, calls: int):
@@ -316,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", help="thread counts, each for "
                         "every engine (default: TVM_NUM_THREADS, else all CPUs, then 1)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds")
-    parser.add_argument("--round-ms", type=float, default=3.0, help="length of one engine's "
-                        "timed round (back-to-back calls; 5 calls at the least)")
+    parser.add_argument("--round-ms", type=float, default=ROUND_MS, help="length of one "
+                        f"engine's timed round (back-to-back calls; {MIN_CALLS} at the least)")
     parser.add_argument("--rates", type=float, nargs="*", default=list(RATES))
     parser.add_argument("--layers", nargs="*", help="substrings of the layer names to run")
     parser.add_argument("--knobs", default="{}", help="JSON of CpuScheduleConfig knobs "
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": detect_host_cpu().describe(), "threads": thread_counts,
-                       "config": repr(cfg),
+                       "rounds": args.rounds, "round_ms": args.round_ms, "config": repr(cfg),
                        "rows": [asdict(r) | {"dense_ratio": r.dense_ratio,
                                              "ort_ratio": r.ort_ratio} for r in rows]},
                       fh, indent=1)

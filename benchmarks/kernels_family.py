@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--round-ms", type=float, default=3.0)
+    parser.add_argument("--round-ms", type=float, default=base.ROUND_MS)
     parser.add_argument("--layers", nargs="*", help="substrings of the layer names to run")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG of speed-up vs rate here")
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": detect_host_cpu().describe(), "threads": args.threads,
+                       "rounds": args.rounds, "round_ms": args.round_ms,
                        "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, fh, indent=1)
     if args.plot:
         plot(rows, args.plot)
