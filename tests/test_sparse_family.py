@@ -295,7 +295,34 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert all(row.kernel is not None for row in rows.values())
     assert rows["conv1.weight"].kernel == "unaligned_rows"  # 20 filters: no SIMD tiles
-    assert rows["fc3.weight"].kernel == "unaligned_rotated"  # a GEMM: one vector a block
+    assert rows["fc3.weight"].kernel == "unaligned_gathered"  # 2-row blocks: tiles of 4
+
+
+@pytest.mark.parametrize("target_name", ["host", "arm-cpu"])
+def test_unaligned_gemm_form_follows_block_height(target_name):
+    """A GEMM's SIMD-wide UBP blocks are stored rotated, one vector a block; shorter
+    blocks go to tiles of about their own height (a rotated vector would be mostly
+    zeros)."""
+    from npas_tvm.schemes import make_mask
+    from npas_tvm.targets import resolve_target
+    from relay_passes.sparse_kernels import LayerGeometry, UnalignedBlockKernel
+
+    target = resolve_target(target_name)
+    lanes = target.simd_lanes
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 48)).astype("float32")
+    geometry = LayerGeometry("matmul", "fc", weight.shape, (1, 48))
+    kernel = UnalignedBlockKernel()
+    with target.tvm_target:
+        for rows in (2, 4, lanes):
+            spec = UnalignedBlockSpec(rate=3, block=(rows, 1))
+            packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
+            if rows >= lanes:
+                assert kernel.name == "unaligned_rotated"
+                assert packed.arrays.lanes == lanes
+            else:
+                assert kernel.name == "unaligned_gathered"
+                assert packed.arrays.arrays.block == max(rows, 4)
 
 
 @PACK
