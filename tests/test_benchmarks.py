@@ -87,7 +87,10 @@ def test_family_goals_read_each_row_against_its_own_dense_time():
         row("conv3x3", "block_punched", 3, 0.4, 9.0),
         row("conv3x3", "unstructured", 3, 0.45, 5.0),    # faster than the pattern
         row("conv1x1", "block_based", 5, 1.0, 4.0),
-        row("conv1x1", "unaligned_block", 5, 1.05, 4.0)])
+        row("conv1x1", "unaligned_block", 5, 1.05, 4.0),
+        row("conv1x1", "block_based 4x1", 5, 2.0, 4.0),   # paired by block shape
+        row("conv1x1", "unaligned_block 4x1", 5, 2.4, 4.0)])
     assert "pattern at 3x runs 2.20x faster than dense TVM (goal 2x: met)" in lines[0]
     assert lines[1].endswith("slower at 3x") and lines[2].endswith("faster at every rate")
-    assert lines[3].endswith("1.05 (goal <= 1.10: met)")
+    assert "(SIMD-wide blocks)" in lines[3] and lines[3].endswith("1.05 (goal <= 1.10: met)")
+    assert "(4x1 blocks)" in lines[4] and lines[4].endswith("1.20 (goal <= 1.10: missed)")
