@@ -343,10 +343,13 @@ class UnalignedBlockKernel(RowsKernel):
     (odd channel counts, depthwise) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
     store each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``): at
     batch 1 they are bound by their weights' bytes, which the two pieces would double.
-    Blocks shorter than the vector take tiles of their own height instead (a rotated
-    vector would be mostly zeros): FC 1024->1000 in 4 x 1 blocks at 5x, 0.054 ms in
-    tiles of 4, 0.062 in tiles of 8, 0.075 rotated, 0.090 in tiles of 16 (aligned
-    4 x 1 blocks: 0.027).
+    Blocks shorter than the vector (a rotated vector would be mostly zeros) go to phase
+    planes of tiles of about their height (``pack_phases``): each block aligned in the
+    tiling shifted by its start row, one tap, then a sum over the planes. FC
+    1024->1000 in 4 x 1 blocks at 2/5/10x: 0.138/0.031/0.013 ms (aligned 4 x 1 blocks
+    0.085/0.027/0.0125; pieces in tiles of 4 0.144/0.055/0.024; rotated 0.157/0.081/
+    0.032). SIMD-wide blocks stay rotated: on phase planes each tile holds few blocks
+    (16 x 1 at 2/5/10x: 0.098/0.016/0.0092 ms, rotated 0.068/0.018/0.0096).
 
     A lane cannot move between vector registers inside an FMA, so with filters as the
     vector axis an unaligned block's 16 products land in two registers; with pixels as
@@ -373,7 +376,7 @@ class UnalignedBlockKernel(RowsKernel):
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
         from tir_schedules.sparse_conv import pack_gathered
-        from tir_schedules.sparse_unaligned import pack_rotated
+        from tir_schedules.sparse_unaligned import pack_phases, pack_rotated
 
         pixels = geometry.output_pixels()
         tile = self._tile(geometry)
@@ -384,7 +387,10 @@ class UnalignedBlockKernel(RowsKernel):
                 rotated = pack_rotated(weight, tile)
                 return Packed(rotated, int(np.count_nonzero(weight)) * pixels,
                               2 * rotated.blocks() * rotated.lanes * pixels)
-            tile = min(t for t in (4, 8, tile) if t >= rows)
+            self.name = "unaligned_phases"
+            phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= rows))
+            return Packed(phased, int(np.count_nonzero(weight)) * pixels,
+                          phased.gathered.kept_macs_per_pixel() * pixels)
         if tile is None:
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
@@ -405,6 +411,20 @@ class UnalignedBlockKernel(RowsKernel):
 
         from tir_schedules.sparse_unaligned import RotatedBlocks, lane_masks, unaligned_dense
 
+        from tir_schedules.sparse_unaligned import PhaseBlocks
+
+        if isinstance(packed.arrays, PhaseBlocks):
+            from tir_schedules.sparse_conv import dense_chains, pad_to_chains, sparse_dense
+
+            phased = packed.arrays
+            gathered = phased.gathered
+            chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
+                                  int(gathered.values.shape[2]), _target_lanes())
+            values, taps = pad_to_chains(gathered.values, gathered.gemm_taps(), chains)
+            return bb.call_te(sparse_dense, data, relax.const(values), relax.const(taps),
+                              relax.const(gathered.counts), geometry.out_channels, chains,
+                              phased.phases, phased.plane_rows,
+                              primfunc_name_hint="sparse_dense")
         if isinstance(packed.arrays, RotatedBlocks):
             rotated = packed.arrays
             constants = [relax.const(a) for a in (rotated.values, rotated.columns,

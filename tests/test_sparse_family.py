@@ -295,14 +295,14 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert all(row.kernel is not None for row in rows.values())
     assert rows["conv1.weight"].kernel == "unaligned_rows"  # 20 filters: no SIMD tiles
-    assert rows["fc3.weight"].kernel == "unaligned_gathered"  # 2-row blocks: tiles of 4
+    assert rows["fc3.weight"].kernel == "unaligned_phases"  # 2-row blocks: tiles of 4
 
 
 @pytest.mark.parametrize("target_name", ["host", "arm-cpu"])
 def test_unaligned_gemm_form_follows_block_height(target_name):
     """A GEMM's SIMD-wide UBP blocks are stored rotated, one vector a block; shorter
-    blocks go to tiles of about their own height (a rotated vector would be mostly
-    zeros)."""
+    blocks go to phase planes of tiles of about their own height (a rotated vector
+    would be mostly zeros)."""
     from npas_tvm.schemes import make_mask
     from npas_tvm.targets import resolve_target
     from relay_passes.sparse_kernels import LayerGeometry, UnalignedBlockKernel
@@ -321,8 +321,38 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
                 assert kernel.name == "unaligned_rotated"
                 assert packed.arrays.lanes == lanes
             else:
-                assert kernel.name == "unaligned_gathered"
-                assert packed.arrays.arrays.block == max(rows, 4)
+                assert kernel.name == "unaligned_phases"
+                assert packed.arrays.phases == max(rows, 4)
+
+
+def _ubp_weight(seed: int, out_features: int, in_features: int, rows: int, ubp: bool,
+                rate: float) -> np.ndarray:
+    """A GEMM weight pruned to UBP blocks of ``rows`` (where it has that many rows) or
+    to a random mask."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_features, in_features)).astype("float32")
+    if ubp and out_features >= rows:
+        return weight * make_mask(weight, UnalignedBlockSpec(rate=rate, block=(rows, 1)))
+    return weight * (rng.random(weight.shape) < 1 / rate)
+
+
+def _run_gemm(arrays: list, kernel, batch: int, out_features: int) -> np.ndarray:
+    """``kernel(*placeholders)`` built for the host with the sparse GEMM template and run
+    on ``arrays`` (the first is the input)."""
+    import tvm
+    from tvm import te
+
+    from tir_schedules import schedule_primfunc
+
+    ph = [te.placeholder(a.shape, str(a.dtype), name=f"a{i}") for i, a in enumerate(arrays)]
+    spec, cfg = _host()
+    func = schedule_primfunc(te.create_prim_func([*ph, kernel(*ph)],
+                                                 index_dtype_override="int64"), cfg)
+    assert func is not None, "the sparse GEMM template did not apply"
+    lib = tvm.compile(func, spec.tvm_target, tir_pipeline=cpu_pipeline())
+    got = tvm.runtime.empty((batch, out_features), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(a) for a in arrays], got)
+    return got.numpy()
 
 
 @PACK
@@ -332,12 +362,7 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
 def test_rotated_blocks_round_trip(seed, out_features, in_features, lanes, ubp, rate):
     """Every nonzero lands in exactly one rotated block (UBP masks or any other); a UBP
     mask's blocks are found exactly (as many as it kept)."""
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((out_features, in_features)).astype("float32")
-    if ubp and out_features >= lanes:
-        weight *= make_mask(weight, UnalignedBlockSpec(rate=rate, block=(lanes, 1)))
-    else:
-        weight *= rng.random(weight.shape) < 1 / rate
+    weight = _ubp_weight(seed, out_features, in_features, lanes, ubp, rate)
     packed = su.pack_rotated(weight, lanes)
     np.testing.assert_array_equal(packed.unpack(), weight)
     if ubp and out_features >= lanes:
@@ -348,28 +373,51 @@ def test_rotated_blocks_round_trip(seed, out_features, in_features, lanes, ubp, 
 @given(seed=st.integers(0, 10**6), rows=st.integers(1, 3), out_features=st.integers(1, 40),
        in_features=st.integers(1, 40), lanes=st.sampled_from([4, 16]))
 def test_unaligned_dense_matches_numpy(seed, rows, out_features, in_features, lanes):
-    import tvm
-    from tvm import te
-
-    from tir_schedules import schedule_primfunc
-
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((out_features, in_features)).astype("float32")
-    weight *= rng.random(weight.shape) < 0.4
+    weight = _ubp_weight(seed, out_features, in_features, lanes, False, 2.5)
     packed = su.pack_rotated(weight, lanes)
-    x = rng.standard_normal((rows, in_features)).astype("float32")
+    x = np.random.default_rng(seed + 1).standard_normal((rows, in_features)).astype("float32")
     arrays = [x, packed.values, packed.columns, packed.shifts, packed.counts,
               su.lane_masks(lanes)]
-    ph = [te.placeholder(a.shape, str(a.dtype), name=f"a{i}") for i, a in enumerate(arrays)]
-    out = su.unaligned_dense(*ph, out_features)
-    spec, cfg = _host()
-    func = schedule_primfunc(te.create_prim_func([*ph, out], index_dtype_override="int64"),
-                             cfg)
-    assert func is not None, "the sparse GEMM template did not apply"
-    lib = tvm.compile(func, spec.tvm_target, tir_pipeline=cpu_pipeline())
-    got = tvm.runtime.empty((rows, out_features), "float32", tvm.cpu())
-    lib(*[tvm.runtime.tensor(a) for a in arrays], got)
-    _close(got.numpy(), x.astype(np.float64) @ weight.T)
+    got = _run_gemm(arrays, lambda *ph: su.unaligned_dense(*ph, out_features), rows,
+                    out_features)
+    _close(got, x.astype(np.float64) @ weight.T)
+
+
+@PACK
+@given(seed=st.integers(0, 10**6), out_features=st.integers(1, 70),
+       in_features=st.integers(1, 30), rows=st.sampled_from([4, 8, 16]),
+       ubp=st.booleans(), rate=st.sampled_from([2, 3, 5]))
+def test_phase_planes_sum_back_to_the_weight(seed, out_features, in_features, rows, ubp,
+                                             rate):
+    """Each block lands on its phase's plane, aligned, one tap each (UBP masks) or
+    covering every nonzero (any mask); the planes' rows summed at their shifts give the
+    weight back."""
+    weight = _ubp_weight(seed, out_features, in_features, rows, ubp, rate)
+    packed = su.pack_phases(weight, rows)
+    stacked = packed.gathered.unpack()
+    assert stacked.shape == (rows * packed.plane_rows, in_features)
+    m = np.arange(out_features)
+    back = sum(stacked[s * packed.plane_rows + rows + m - s] for s in range(rows))
+    np.testing.assert_array_equal(back, weight)
+    if ubp and out_features >= rows:
+        assert packed.gathered.kept_macs_per_pixel() == np.count_nonzero(weight)
+
+
+@BUILD
+@given(seed=st.integers(0, 10**6), batch=st.integers(1, 3), out_features=st.integers(1, 40),
+       in_features=st.integers(1, 40), rows=st.sampled_from([4, 16]),
+       chains=st.sampled_from([1, 2]))
+def test_phase_planes_dense_matches_numpy(seed, batch, out_features, in_features, rows,
+                                          chains):
+    weight = _ubp_weight(seed, out_features, in_features, rows, False, 2.5)
+    packed = su.pack_phases(weight, rows)
+    values, taps = sc.pad_to_chains(packed.gathered.values, packed.gathered.gemm_taps(),
+                                    chains)
+    x = np.random.default_rng(seed + 1).standard_normal((batch, in_features)).astype("float32")
+    got = _run_gemm([x, values, taps, packed.gathered.counts],
+                    lambda *ph: sc.sparse_dense(*ph, out_features, chains, packed.phases,
+                                                packed.plane_rows), batch, out_features)
+    _close(got, x.astype(np.float64) @ weight.T)
 
 
 @pytest.mark.slow
