@@ -414,16 +414,17 @@ class UnalignedBlockKernel(RowsKernel):
         from tir_schedules.sparse_unaligned import PhaseBlocks
 
         if isinstance(packed.arrays, PhaseBlocks):
-            from tir_schedules.sparse_conv import dense_chains, pad_to_chains, sparse_dense
+            from tir_schedules.sparse_conv import dense_chains
+            from tir_schedules.sparse_unaligned import flat_taps, phase_dense
 
             phased = packed.arrays
-            gathered = phased.gathered
             chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
-                                  int(gathered.values.shape[2]), _target_lanes())
-            values, taps = pad_to_chains(gathered.values, gathered.gemm_taps(), chains)
-            return bb.call_te(sparse_dense, data, relax.const(values), relax.const(taps),
-                              relax.const(gathered.counts), geometry.out_channels, chains,
-                              phased.phases, phased.plane_rows,
+                                  int(phased.gathered.values.shape[2]), _target_lanes())
+            flat = flat_taps(phased.gathered, chains)
+            constants = [relax.const(a) for a in (flat.values, flat.columns, flat.offsets,
+                                                  flat.counts)]
+            return bb.call_te(phase_dense, data, *constants, geometry.out_channels, chains,
+                              phased.phases, phased.plane_rows, flat.most,
                               primfunc_name_hint="sparse_dense")
         if isinstance(packed.arrays, RotatedBlocks):
             rotated = packed.arrays

@@ -411,12 +411,12 @@ def test_phase_planes_dense_matches_numpy(seed, batch, out_features, in_features
                                           chains):
     weight = _ubp_weight(seed, out_features, in_features, rows, False, 2.5)
     packed = su.pack_phases(weight, rows)
-    values, taps = sc.pad_to_chains(packed.gathered.values, packed.gathered.gemm_taps(),
-                                    chains)
+    flat = su.flat_taps(packed.gathered, chains)
     x = np.random.default_rng(seed + 1).standard_normal((batch, in_features)).astype("float32")
-    got = _run_gemm([x, values, taps, packed.gathered.counts],
-                    lambda *ph: sc.sparse_dense(*ph, out_features, chains, packed.phases,
-                                                packed.plane_rows), batch, out_features)
+    got = _run_gemm([x, flat.values, flat.columns, flat.offsets, flat.counts],
+                    lambda *ph: su.phase_dense(*ph, out_features, chains, packed.phases,
+                                               packed.plane_rows, flat.most),
+                    batch, out_features)
     _close(got, x.astype(np.float64) @ weight.T)
 
 

@@ -67,7 +67,7 @@ SPARSE_CONV_BLOCK = "npas_sparse_conv2d_nchwc"
 SPARSE_DENSE_BLOCK = "npas_sparse_dense"
 OFFSET_BLOCK = "npas_sparse_tap_offsets"
 DENSE_ROWS_BLOCK = "npas_gathered_rows"  # sparse_dense's [N, blocks, bf] -> [N, M]
-PHASES_ATTR = "npas_phases"  # sparse_dense over phase planes (its partial sums laid out per chain)
+PHASES_ATTR = "npas_phases"  # the phase-plane GEMM (its partial sums laid out per chain)
 TAP_AXIS = "tap"
 SMALL_MAP = 64
 """Output maps of at most this many pixels (7x7) take the (image, block, row) parallel
@@ -270,8 +270,7 @@ def sparse_conv2d_nchwc(data, values, taps, counts, strides: Sequence[int],
     return te.compute((n, blocks, out_h, out_w, out_block), body, name=SPARSE_CONV_BLOCK)
 
 
-def sparse_dense(data, values, taps, counts, out_features: int, chains: int = 1,
-                 phases: int = 1, plane_rows: int = 0):
+def sparse_dense(data, values, taps, counts, out_features: int, chains: int = 1):
     """Block-sparse ``data @ W.T``: ``data`` ``[N, K]`` -> ``[N, M]``.
 
     ``taps`` is either ``[blocks, taps]`` int32 (the K index of each tap, see
@@ -286,20 +285,12 @@ def sparse_dense(data, values, taps, counts, out_features: int, chains: int = 1,
     one accumulator would wait out each FMA's latency (an FC layer at batch 1 has one
     vector per block). The taps are then read in whole chains: ``max_taps`` must be a
     multiple of ``chains``, the padding taps zero.
-
-    ``phases > 1``: the blocks are ``phases`` planes of ``plane_rows`` rows (the phase
-    planes of :func:`.sparse_unaligned.pack_phases`), and output ``m`` sums row
-    ``s * plane_rows + bf + m - s`` of every plane ``s``.
     """
     from tvm import te
 
     n, _ = (int(v) for v in data.shape)
     blocks, max_taps, out_block = (int(v) for v in values.shape)
-    if phases > 1:
-        if blocks * out_block != phases * plane_rows or out_features + out_block > plane_rows:
-            raise ValueError(f"sparse_dense: {blocks} blocks of {out_block} are not "
-                             f"{phases} planes of {plane_rows} rows for {out_features} outputs")
-    elif not (blocks - 1) * out_block < out_features <= blocks * out_block:
+    if not (blocks - 1) * out_block < out_features <= blocks * out_block:
         raise ValueError(f"sparse_dense: {out_features} outputs do not fit {blocks} blocks "
                          f"of {out_block}")
     three = len(taps.shape) == 3
@@ -313,26 +304,27 @@ def sparse_dense(data, values, taps, counts, out_features: int, chains: int = 1,
         bound = counts[b] if chains == 1 else (counts[b] + (chains - 1)) // chains
         return te.sum(te.if_then_else(t < bound, values[b, tap, o] * data[i, k], 0.0), axis=t)
 
-    if chains == 1 and phases == 1:
+    if chains == 1:
         rows = te.compute((n, blocks, out_block), lambda i, b, o: body(i, b, 0, o),
                           name=SPARSE_DENSE_BLOCK)
         return te.compute((n, out_features),
                           lambda i, m: rows[i, m // out_block, m % out_block],
                           name=DENSE_ROWS_BLOCK)
-    partial = te.compute((n, blocks, chains, out_block), body, name=SPARSE_DENSE_BLOCK,
-                         attrs={PHASES_ATTR: phases} if phases > 1 else None)
+    partial = te.compute((n, blocks, chains, out_block), body, name=SPARSE_DENSE_BLOCK)
+    return te.compute((n, out_features),
+                      lambda i, m: sum_partials(partial, i, [m], chains, out_block),
+                      name=DENSE_ROWS_BLOCK)
 
-    def total(i, m):
-        rows = [m] if phases == 1 else [s * plane_rows + out_block + m - s
-                                        for s in range(phases)]
-        terms = [partial[i, row // out_block, u, row % out_block]
-                 for row in rows for u in range(chains)]
-        result = terms[0]
-        for term in terms[1:]:
-            result = result + term
-        return result
 
-    return te.compute((n, out_features), total, name=DENSE_ROWS_BLOCK)
+def sum_partials(partial, i, rows, chains: int, out_block: int):
+    """The sum over ``rows`` (flat row indices of ``partial [N, blocks, chains, bf]``)
+    and chains: the last stage of :func:`sparse_dense` and its phase-plane form."""
+    terms = [partial[i, row // out_block, u, row % out_block]
+             for row in rows for u in range(chains)]
+    result = terms[0]
+    for term in terms[1:]:
+        result = result + term
+    return result
 
 
 def pad_to_chains(values: np.ndarray, taps: np.ndarray, chains: int):
