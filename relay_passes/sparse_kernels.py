@@ -346,10 +346,11 @@ class UnalignedBlockKernel(RowsKernel):
     Blocks shorter than the vector (a rotated vector would be mostly zeros) go to phase
     planes of tiles of about their height (``pack_phases``): each block aligned in the
     tiling shifted by its start row, one tap, then a sum over the planes. FC
-    1024->1000 in 4 x 1 blocks at 2/5/10x: 0.138/0.031/0.013 ms (aligned 4 x 1 blocks
-    0.085/0.027/0.0125; pieces in tiles of 4 0.144/0.055/0.024; rotated 0.157/0.081/
-    0.032). SIMD-wide blocks stay rotated: on phase planes each tile holds few blocks
-    (16 x 1 at 2/5/10x: 0.098/0.016/0.0092 ms, rotated 0.068/0.018/0.0096).
+    1024->1000 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
+    blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
+    0.157/-/0.081/0.032). SIMD-wide blocks stay rotated: on phase planes a tile holds a
+    sixteenth of an aligned tile's blocks (16 x 1 at 2/5/10x: 0.098/0.016/0.0092 ms,
+    rotated 0.068/0.018/0.0096).
 
     A lane cannot move between vector registers inside an FMA, so with filters as the
     vector axis an unaligned block's 16 products land in two registers; with pixels as
