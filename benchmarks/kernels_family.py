@@ -6,8 +6,9 @@ Schemes per layer (the same layers as ``benchmarks/kernels.py``): 3x3 convs run
 ``pattern`` (rates 2.25/3/5/10), ``block_punched`` and ``unstructured``; 1x1 convs and
 the FC run ``unaligned_block`` (GR = the SIMD lanes; ``--block-rows`` adds other
 heights, such as the UBP paper's 4), ``block_based`` with the same block rows (GR x 1,
-aligned: the baseline UBP is held to) and ``unstructured`` (rates 2/3/5/10). Each kernel is built as the pipeline builds it (same packers and
-emitters as ``relay_passes.sparse_kernels``, scheduled by ``schedule_primfunc``), its
+aligned: the baseline UBP is held to) and ``unstructured`` (rates 2/3/5/10). Each
+kernel is built as the pipeline builds it (same packers and emitters as
+``relay_passes.sparse_kernels``, scheduled by ``schedule_primfunc``), its
 output checked against numpy; timings are medians of interleaved rounds after warm-up
 (``benchmarks/kernels.py``'s method), dense-equivalent speed-ups over dense TVM.
 """

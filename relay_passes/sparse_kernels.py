@@ -410,14 +410,11 @@ class UnalignedBlockKernel(RowsKernel):
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         from tvm import relax
 
-        from tir_schedules.sparse_unaligned import RotatedBlocks, lane_masks, unaligned_dense
-
-        from tir_schedules.sparse_unaligned import PhaseBlocks
+        from tir_schedules.sparse_conv import dense_chains
+        from tir_schedules.sparse_unaligned import (PhaseBlocks, RotatedBlocks, flat_taps,
+                                                    lane_masks, phase_dense, unaligned_dense)
 
         if isinstance(packed.arrays, PhaseBlocks):
-            from tir_schedules.sparse_conv import dense_chains
-            from tir_schedules.sparse_unaligned import flat_taps, phase_dense
-
             phased = packed.arrays
             chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
                                   int(phased.gathered.values.shape[2]), _target_lanes())
