@@ -170,13 +170,10 @@ class GatheredKernel(SparseKernel):
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         from tvm import relax
 
-        from tir_schedules.sparse_conv import dense_chains, pad_to_chains, sparse_dense
+        from tir_schedules.sparse_conv import pad_to_chains, sparse_dense
 
         arrays = packed.arrays
-        chains = 1
-        if _target_family() in CPU_FAMILIES:  # partial sums where rows are few
-            chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
-                                  int(arrays.values.shape[2]), _target_lanes())
+        chains = _gemm_chains(arrays, geometry) if _target_family() in CPU_FAMILIES else 1
         values, taps = pad_to_chains(arrays.values, arrays.gemm_taps(), chains)
         return bb.call_te(sparse_dense, data, relax.const(values), relax.const(taps),
                           relax.const(arrays.counts), geometry.out_channels, chains,
@@ -209,6 +206,14 @@ def _target_family() -> str:
     from npas_tvm.targets import schedule_family
 
     return schedule_family(Target.current(allow_none=True))
+
+
+def _gemm_chains(gathered, geometry: LayerGeometry) -> int:
+    """Partial sums per block of a gathered GEMM on a CPU target (``dense_chains``)."""
+    from tir_schedules.sparse_conv import dense_chains
+
+    return dense_chains(int(np.prod(geometry.data_shape[:-1])),
+                        int(gathered.values.shape[2]), _target_lanes())
 
 
 def _target_registers(lanes: int) -> int:
@@ -410,14 +415,12 @@ class UnalignedBlockKernel(RowsKernel):
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         from tvm import relax
 
-        from tir_schedules.sparse_conv import dense_chains
         from tir_schedules.sparse_unaligned import (PhaseBlocks, RotatedBlocks, flat_taps,
                                                     lane_masks, phase_dense, unaligned_dense)
 
         if isinstance(packed.arrays, PhaseBlocks):
             phased = packed.arrays
-            chains = dense_chains(int(np.prod(geometry.data_shape[:-1])),
-                                  int(phased.gathered.values.shape[2]), _target_lanes())
+            chains = _gemm_chains(phased.gathered, geometry)
             flat = flat_taps(phased.gathered, chains)
             constants = [relax.const(a) for a in (flat.values, flat.columns, flat.offsets,
                                                   flat.counts)]

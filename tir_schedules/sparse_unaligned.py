@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tir_schedules.sparse_conv import (DENSE_ROWS_BLOCK, PHASES_ATTR, SPARSE_DENSE_BLOCK,
-                                       TAP_AXIS, sum_partials)
+                                       TAP_AXIS, GatheredWeights, pack_gathered,
+                                       sum_partials)
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,9 @@ def unaligned_dense(data, values, columns, shifts, counts, masks, out_features: 
 class PhaseBlocks:
     """A UBP-pruned ``[M, K]`` weight as aligned blocks on phase planes (:func:`pack_phases`)."""
 
-    gathered: object  # GatheredWeights of the [phases * plane_rows, K] stacked weight
+    gathered: GatheredWeights  # of the [phases * plane_rows, K] stacked weight
     phases: int
     plane_rows: int
-    out_features: int
 
 
 def pack_phases(weight: np.ndarray, rows: int) -> PhaseBlocks:
@@ -178,8 +178,6 @@ def pack_phases(weight: np.ndarray, rows: int) -> PhaseBlocks:
     block-sparse weight, one tap per block (:func:`.sparse_conv.pack_gathered`), and
     output ``m`` sums row ``s * plane_rows + rows + m - s`` of every plane
     (:func:`phase_dense`)."""
-    from tir_schedules.sparse_conv import pack_gathered
-
     weight = np.asarray(weight, np.float32)
     if weight.ndim != 2:
         raise ValueError(f"weight of shape {weight.shape}: a [M, K] GEMM weight expected")
@@ -197,7 +195,7 @@ def pack_phases(weight: np.ndarray, rows: int) -> PhaseBlocks:
         stacked[first:first + rows, column] = np.where(taken[window, column], 0.0,
                                                        padded[window, column])
         taken[window, column] = True
-    return PhaseBlocks(pack_gathered(stacked, rows), rows, plane_rows, out_features)
+    return PhaseBlocks(pack_gathered(stacked, rows), rows, plane_rows)
 
 
 @dataclass(frozen=True)
@@ -216,7 +214,7 @@ class FlatTaps:
     most: int  # the most taps of a tile, a multiple of the chains
 
 
-def flat_taps(gathered, chains: int) -> FlatTaps:
+def flat_taps(gathered: GatheredWeights, chains: int) -> FlatTaps:
     """:class:`FlatTaps` of a :class:`.sparse_conv.GatheredWeights`."""
     counts = np.asarray(gathered.counts, np.int32)
     padded = -(-counts // chains) * chains
