@@ -47,14 +47,16 @@ Two forms of the same math (a target picks one in its schedule, see
   tile, a third of the loop exits (:class:`EntryForm`, :func:`choose_entry_form`); on
   256->256 at 14x14 pruned 3x, 0.67 ms against 0.73 ms with 9 planes.
 
-Where the entry form's time goes (128->128 at 28x28 pruned 3x, 0.69 ms, AVX-512, 1
-thread; perf samples, and the same kernel with every trip count set to 0): the FMA
-loop about two thirds, at about 70% of the FMA ports' peak (with every kernel reading
-one channel it runs 10% faster: the rest of the input tile misses L1); the products'
-write-back 12% (27 vectors per filter and tile into the filter group's 260 KB, bound by
-L2 stores); the shift-sum 9%; the blocked-to-planar input copy 8%; the output
-transposition 6%. Trip counts that differ between filters cost 2% once the branch
-predictor has seen a call, and 0.1 ms on the first call after a pause.
+Where the entry form's time goes (128->128 at 28x28 pruned 3x, 0.65 ms, AVX-512, 1
+thread; perf samples, and the same kernel with every trip count set to 0, 0.17 ms): the
+FMA loop about 70%, at about 70% of the FMA ports' peak (with every kernel reading one
+channel it runs 10% faster: the rest of the input tile misses L1); the products'
+write-back and the shift-sum about a fifth (27 vectors per filter and tile into the
+filter group's 260 KB, bound by L2 stores, then read back 9 to 1); the blocked-to-planar
+input copy 22 us and the output transposition 12 us (each walks its contiguous side,
+:func:`.sparse_csr.schedule_pixel_stages`; they took 41 and 26 us as gathers). Trip
+counts that differ between filters cost 2% once the branch predictor has seen a call,
+and 0.1 ms on the first call after a pause.
 """
 
 from __future__ import annotations
