@@ -26,6 +26,12 @@ def loop_extents(sch, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
 
 
+def largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1): a split
+    factor that needs no predicate."""
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
 def fuse_epilogue(sch, main_block, producers=()):
     """Collapse the blocks after ``main_block`` into one block that writes the output.
 

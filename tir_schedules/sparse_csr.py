@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tir_schedules.common import find_block, loop_extents
+from tir_schedules.common import find_block, largest_divisor, loop_extents
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.sparse_conv import SPARSE_CONV_BLOCK, TAP_AXIS
 
@@ -294,7 +294,7 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
     if len(loops) >= 5:  # (image, chunk, row) -> lane -> column runs (unrolled)
         ow, lane = loops[3], loops[4]
         out_w = extents[3]
-        run = max(d for d in range(1, min(out_w, OUTPUT_RUN) + 1) if out_w % d == 0)
+        run = largest_divisor(out_w, OUTPUT_RUN)
         ow_outer, ow_inner = sch.split(ow, [None, run])
         sch.reorder(lane, ow_outer, ow_inner)
         sch.unroll(ow_inner)

@@ -67,7 +67,7 @@ from typing import Sequence
 import numpy as np
 
 from npas_tvm.schemes.pattern import CANDIDATE_BITS, CANDIDATES, CENTRE, PATTERN_SIZE
-from tir_schedules.common import find_block, loop_extents
+from tir_schedules.common import find_block, largest_divisor, loop_extents
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.sparse_conv import SPARSE_CONV_BLOCK, TAP_AXIS
 from tir_schedules.sparse_csr import (TILE_ATTR, blocked_output, flat_input, pixel_grid,
@@ -465,8 +465,7 @@ def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
     """Filters per parallel iteration (a divisor of ``filters``): they share each pixel
     tile of the input while it is in L1, where one filter alone would stream the whole
     input from L2 per filter."""
-    want = max(1, cfg.sparse_filter_group)
-    return max(d for d in range(1, want + 1) if filters % d == 0)
+    return largest_divisor(filters, cfg.sparse_filter_group)
 
 
 def choose_entry_form(lanes: int, registers: int, height: int | None = None,
