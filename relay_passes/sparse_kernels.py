@@ -340,12 +340,44 @@ class RowsKernel(PixelKernel):
         return GATHERED.matmul(bb, data, packed, geometry)
 
 
+# The UBP conv forms' time model, in ns on a Zen4 EPYC (AVX-512, 1 thread), fitted to
+# UBP 4 x 1 on 1x1 96->576 @14 and 320->1280 @7 at 2/3/5/10x:
+GATHERED_FMA_NS = 0.30  # the gathered kernel, per stored tap and output pixel
+ROWS_UNIT_NS = 0.25  # the rows form, per unit of choose_rows' cost and pixel vector
+ROWS_COPY_NS = 0.45  # the rows form's layout copies, per input and output element
+ROWS_MARGIN = 0.9  # the rows form must be estimated this much faster to be taken
+
+
+def rows_form_pays(weight: np.ndarray, geometry: LayerGeometry, tile: int, lanes: int,
+                   candidates: Sequence[int]) -> bool:
+    """Whether an unaligned-block conv runs faster vectorized along pixels (the rows
+    form, :class:`RowsKernel`) than as pieces of the gathered kernel in tiles of
+    ``tile`` filters. The pieces cost one FMA per stored tap and pixel, their taps
+    the union of kept columns over each tile (blocks straddling two tiles count in
+    both); the rows form wastes no lane on a block's offset but transposes its input
+    and output between the blocked layout and channel planes, a fixed cost per element
+    that large maps and low rates do not repay. Measured (4 x 1 blocks, Zen4, 1
+    thread): 1x1 320->1280 @7 at 10x, rows 0.105 ms against pieces 0.150; 96->576 @14
+    at 10x, rows 0.084-0.113 against 0.082."""
+    from tir_schedules.sparse_csr import choose_rows, straddle_entries
+
+    pixels = geometry.output_pixels()
+    gathered = GATHERED_FMA_NS * straddle_entries(weight, tile) * pixels
+    rows = choose_rows(weight, candidates, geometry.groups)
+    vectors = -(-pixels // lanes)
+    copies = (geometry.data_shape[1] + geometry.out_channels) * pixels
+    estimate = (ROWS_UNIT_NS * straddle_entries(weight, rows) * (rows + 1 + rows / 4) * vectors
+                + ROWS_COPY_NS * copies)
+    return estimate < ROWS_MARGIN * gathered
+
+
 class UnalignedBlockKernel(RowsKernel):
     """Unaligned blocks (UBP). Where the output channels split into SIMD-wide tiles, a
     block is cut where it crosses a tile boundary and each piece becomes a tap of the
     gathered kernel (vectorized along the tile's filters, :class:`GatheredKernel`):
     a block costs at most two vector FMAs per pixel where an aligned one costs one. Else
-    (odd channel counts, depthwise) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
+    (odd channel counts, depthwise, or where :func:`rows_form_pays`: short blocks at
+    high rates on small maps) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
     store each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``): at
     batch 1 they are bound by their weights' bytes, which the two pieces would double.
     Blocks shorter than the vector (a rotated vector would be mostly zeros) go to phase
@@ -397,7 +429,8 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= rows))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
-        if tile is None:
+        if tile is None or rows_form_pays(weight, geometry, tile, _target_lanes(),
+                                          self.candidates):
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
         gathered = pack_gathered(weight, tile, groups=geometry.groups)

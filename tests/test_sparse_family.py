@@ -325,6 +325,32 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
                 assert packed.arrays.phases == max(rows, 4)
 
 
+def test_unaligned_conv_form_follows_its_estimated_time():
+    """A 1x1 conv's UBP blocks go to pixel vectors (the rows form) only where the
+    gathered pieces' wasted lanes outweigh the rows form's layout copies: short blocks
+    at a high rate on a small map; SIMD-wide blocks and low rates stay gathered."""
+    from npas_tvm.schemes import make_mask
+    from npas_tvm.targets import resolve_target
+    from relay_passes.sparse_kernels import LayerGeometry, UnalignedBlockKernel
+
+    target = resolve_target("host")
+    lanes = target.simd_lanes
+    weight = np.random.default_rng(0).standard_normal((1280, 320, 1, 1)).astype("float32")
+    geometry = LayerGeometry("conv2d", "conv", weight.shape, (1, 320, 7, 7), (1, 1),
+                             (0, 0, 0, 0), (1, 1), 1)
+    kernel = UnalignedBlockKernel()
+    chosen = {}
+    with target.tvm_target:
+        for rows, rate in ((4, 10), (4, 2), (lanes, 10)):
+            spec = UnalignedBlockSpec(rate=rate, block=(rows, 1))
+            packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
+            chosen[rows, rate] = kernel.name
+            assert packed.kept_macs <= packed.computed_macs
+    if lanes >= 16:  # tiles of 16 filters waste 3/4 of their lanes on 4-row blocks
+        assert chosen[4, 10] == "unaligned_rows"
+    assert chosen[4, 2] == chosen[lanes, 10] == "unaligned_gathered"
+
+
 def _ubp_weight(seed: int, out_features: int, in_features: int, rows: int, ubp: bool,
                 rate: float) -> np.ndarray:
     """A GEMM weight pruned to UBP blocks of ``rows`` (where it has that many rows) or
