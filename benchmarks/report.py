@@ -29,13 +29,15 @@ def kernel_table(folder: str) -> str:
     """Per-layer kernel speed-ups at each rate (1 thread, the steadier figure), from
     ``kernels.json`` (block schemes) and ``kernels_family.json`` (every scheme), then
     the family's goals as ``benchmarks/kernels_family.py`` checks them."""
-    rows, family = [], []
+    rows, family, machines = [], [], []
     for name in ("kernels.json", "kernels_family.json"):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             continue
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
+        if data.get("machine"):
+            machines.append(f"`{name}` on {data['machine']}")
         for row in data["rows"]:
             if row.get("threads") != 1 or row["rate"] not in (2, 2.25, 3, 5, 10):
                 continue
@@ -50,7 +52,8 @@ def kernel_table(folder: str) -> str:
         return ""
     lines = ["Sparse kernels, 1 thread (`benchmarks/kernels.py`, `benchmarks/kernels_family.py`):"
              " speed-up over TVM's dense kernel / over onnxruntime's dense layer (the first"
-             " column is 2.25x for patterns, 2x for the others).", "",
+             " column is 2.25x for patterns, 2x for the others)."
+             + (f" Measured: {'; '.join(machines)}." if machines else ""), "",
              "| layer | scheme | 2x / 2.25x | 3x | 5x | 10x |", "|---|---|---:|---:|---:|---:|"]
     by_key: dict = {}
     for layer, scheme, rate, dense, ort in rows:
