@@ -36,7 +36,8 @@ Two forms of the same math (a target picks one in its schedule, see
 * the **entry** form (:func:`pattern_entries_conv2d`, CPUs, stride 1): every kept
   kernel's input vector is loaded once, at one aligned address, and feeds the FMAs of
   all 4 of its entries into per-entry accumulators (the 9 positions of the 3x3 window
-  stay in registers across all patterns); a second stage sums the entries' planes at
+  stay in registers across all patterns where 32 registers allow; AVX2's 16 hold the 4
+  of one pattern at a time); a second stage sums the entries' planes at
   their constant shifts. Loads per FMA drop from about 1 + 1/tile to 0.6, at the price
   of products at the zero column between input rows and of the last tile's rounding
   (the padding rows' products are zeros nobody computes). On a 3x3 128->128 conv at
@@ -289,9 +290,10 @@ class EntryForm:
     padding rows. ``fold_rows=True``: one plane per kernel column (3); the row offset
     of an entry is applied at its input load instead, which stays aligned because the
     row pitch is rounded up to the SIMD width (16 lanes: a 14-wide map keeps its 16,
-    a 28-wide one grows from 30 to 32). Three planes leave registers for a tile of 7
-    vectors where nine allow 3: a third of the pattern loops (whose exits the branch
-    predictor misses when their trip counts vary) and a third of the shift-sum."""
+    a 28-wide one grows from 30 to 32). Three planes stay in registers across patterns
+    with a tile of 7 vectors where nine allow 3 (on AVX-512): a third of the pattern
+    loops (whose exits the branch predictor misses when their trip counts vary) and a
+    third of the shift-sum."""
 
     fold_rows: bool
     tile: int
@@ -327,7 +329,8 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
     addresses (planes start at multiples of ``lanes``); with the pattern loop unrolled,
     kernel ``j`` of pattern ``p`` adds to the planes of ``p``'s entries and no other
     (the other terms are constant zeros, folded away): one code path per pattern, and
-    the planes' accumulators stay in registers across all patterns. Same arrays and
+    the pattern's planes' accumulators stay in registers over its kernels (see
+    :func:`choose_entry_form`). Same arrays and
     result as :func:`pattern_conv2d`; ``pixel_tile`` and ``fold_rows`` are an
     :class:`EntryForm`'s (Relax's ``call_te`` passes numbers, not objects).
 
@@ -468,23 +471,45 @@ def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
     return largest_divisor(filters, cfg.sparse_filter_group)
 
 
+# Planes that do not all fit the registers wait in L1 between patterns: each pattern
+# loop reloads and stores its planes' accumulators. A round guess, not fitted: it keeps
+# the 3-vector tile measured on AVX-512 for 28x28 (which holds all 9 planes) over a
+# 4-vector one that would spill to compute 2% fewer products.
+SPILLED_PLANES_COST = 0.1
+# Independent accumulators a core needs to keep its FMA units busy: a 4-cycle FMA
+# latency times 2 units (Zen3, Zen4, Ice Lake, Cortex-A76). A pattern's loop has one
+# chain per plane it adds to and vector of the tile; with fewer it waits on latency.
+FMA_CHAINS = 8
+
+
 def choose_entry_form(lanes: int, registers: int, height: int | None = None,
                       width: int | None = None, padding: Sequence[int] = (1, 1, 1, 1),
                       dilation: Sequence[int] = (1, 1)) -> EntryForm:
-    """The :class:`EntryForm` of a layer: planes and tile that fit the registers (per
-    vector of the tile, 9 entry planes plus the input, or 3 column planes with a few
-    input vectors and the broadcasts: 32 registers of 16 lanes allow 48 or 112 pixels;
-    NEON's 32 of 4, 12 or 28), and among those the least cost: the products computed,
-    rounded up to whole tiles, times ``3 + 1 / vectors`` (a narrower tile loads its
-    input for fewer FMAs), column planes 4% dearer per product (measured on AVX-512:
-    they compute 3% more per position on 28x28 and 9% less on 14x14, where their tile
-    is 7 vectors and the entries' 2). So a 14x14 map takes column planes (224 products,
-    pitch 16, two tiles) and a 28x28 one entry planes (816 products at pitch 29,
-    against 896 at pitch 32)."""
-    entry_vectors = max(1, (registers - 2) // (9 + 1))
+    """The :class:`EntryForm` of a layer: planes and tile whose pattern loop fits the
+    registers, and among those the least cost.
+
+    A pattern's kernel loop holds the accumulators of the planes it adds to (entry
+    planes: its 4 entries; column planes: up to 3) plus the input vectors and the
+    broadcasts: per vector of the tile, 4 entry planes plus 2 registers, or 3 column
+    planes with 10 for the inputs and broadcasts (AVX2's 16 registers of 8 lanes allow
+    24 or 16 pixels; AVX-512's 32 of 16, 112 or 112; NEON's 32 of 4, 28 or 28). The
+    cost: the products computed, rounded up to whole tiles, times ``3 + 1 / vectors``
+    (a narrower tile loads its input for fewer FMAs); column planes 4% dearer per
+    product (measured on AVX-512: they compute 3% more per position on 28x28 and 9%
+    less on 14x14, where their tile is 7 vectors and the entries' 2);
+    :data:`SPILLED_PLANES_COST` more where the planes do not all stay in registers
+    across patterns; and in proportion where the loop has fewer than
+    :data:`FMA_CHAINS` accumulators (a 1-vector tile of entry planes has 4: half
+    speed). So on AVX-512 a 14x14 map takes column planes (224 products, pitch 16, two
+    tiles of 112) and a 28x28 one entry planes in tiles of 48 (816 products at pitch
+    29, against 896 at pitch 32); on AVX2 both take entry planes in tiles of 24 (Zen3,
+    1 thread, pruned 3x: 128->128 @28 1.46 ms against 2.26 ms in tiles of 8, dense TVM
+    2.95 ms; 256->256 @14 1.39 ms against 2.42 ms in column planes, dense 2.96 ms), and
+    a 7x7 map tiles of 16 (512->512: 2.53 ms against 3.09 ms in tiles of 8)."""
+    entry_vectors = max(1, (registers - 2) // 4)
     column_vectors = max(1, (registers - 10) // 3)
     if height is None or width is None:
-        return EntryForm(False, lanes * entry_vectors)
+        return EntryForm(False, lanes * min(entry_vectors, _held_vectors(False, registers)))
     forms = [EntryForm(fold, lanes * v) for fold, most in ((False, entry_vectors),
                                                            (True, column_vectors))
              for v in range(most, 0, -1)]
@@ -492,9 +517,18 @@ def choose_entry_form(lanes: int, registers: int, height: int | None = None,
     def cost(form: EntryForm) -> float:
         live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
         vectors = form.tile // lanes
-        return live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
+        spilled = vectors > _held_vectors(form.fold_rows, registers)
+        chains = (3 if form.fold_rows else PATTERN_SIZE) * vectors
+        return (live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
+                * (1 + SPILLED_PLANES_COST * spilled) * max(1.0, FMA_CHAINS / chains))
 
     return min(forms, key=cost)
+
+
+def _held_vectors(fold_rows: bool, registers: int) -> int:
+    """The widest tile (in vectors) whose planes all stay in registers across patterns:
+    9 entry planes or 3 column planes, plus the input and a broadcast (at least 1)."""
+    return max(1, (registers - 2) // (3 if fold_rows else 9))
 
 
 def entries_form_pays(stride: Sequence[int], family: str) -> bool:
