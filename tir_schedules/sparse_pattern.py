@@ -476,10 +476,11 @@ def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
 # the 3-vector tile measured on AVX-512 for 28x28 (which holds all 9 planes) over a
 # 4-vector one that would spill to compute 2% fewer products.
 SPILLED_PLANES_COST = 0.1
-# Independent accumulators a core needs to keep its FMA units busy: a 4-cycle FMA
-# latency times 2 units (Zen3, Zen4, Ice Lake, Cortex-A76). A pattern's loop has one
-# chain per plane it adds to and vector of the tile; with fewer it waits on latency.
-FMA_CHAINS = 8
+# FMAs a core keeps in flight: a 4-cycle latency times 2 units (Zen3, Zen4, Ice Lake,
+# Cortex-A76). A pattern's kernel loop issues 4 FMAs per vector of the tile, but those
+# into one accumulator wait on each other (a column plane takes two of the pattern's
+# entries): with fewer independent FMAs per step than this, the loop waits on latency.
+FMAS_IN_FLIGHT = 8
 
 
 def choose_entry_form(lanes: int, registers: int, height: int | None = None,
@@ -498,9 +499,9 @@ def choose_entry_form(lanes: int, registers: int, height: int | None = None,
     product (measured on AVX-512: they compute 3% more per position on 28x28 and 9%
     less on 14x14, where their tile is 7 vectors and the entries' 2);
     :data:`SPILLED_PLANES_COST` more where the planes do not all stay in registers
-    across patterns; and in proportion where the loop has fewer than
-    :data:`FMA_CHAINS` accumulators (a 1-vector tile of entry planes has 4: half
-    speed). So on AVX-512 a 14x14 map takes column planes (224 products, pitch 16, two
+    across patterns; and in proportion where a kernel's step has fewer independent
+    FMAs than :data:`FMAS_IN_FLIGHT` (a 1-vector tile of entry planes has 4: half
+    speed; column planes need 4 vectors). So on AVX-512 a 14x14 map takes column planes (224 products, pitch 16, two
     tiles of 112) and a 28x28 one entry planes in tiles of 48 (816 products at pitch
     29, against 896 at pitch 32); on AVX2 both take entry planes in tiles of 24 (Zen3,
     1 thread, pruned 3x: 128->128 @28 1.46 ms against 2.26 ms in tiles of 8, dense TVM
@@ -518,9 +519,10 @@ def choose_entry_form(lanes: int, registers: int, height: int | None = None,
         live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
         vectors = form.tile // lanes
         spilled = vectors > _held_vectors(form.fold_rows, registers)
-        chains = (3 if form.fold_rows else PATTERN_SIZE) * vectors
+        chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
+        waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
         return (live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
-                * (1 + SPILLED_PLANES_COST * spilled) * max(1.0, FMA_CHAINS / chains))
+                * (1 + SPILLED_PLANES_COST * spilled) * waits)
 
     return min(forms, key=cost)
 
