@@ -340,11 +340,26 @@ class RowsKernel(PixelKernel):
         return GATHERED.matmul(bb, data, packed, geometry)
 
 
-# The UBP conv forms' time model, in ns on a Zen4 EPYC (AVX-512, 1 thread), fitted to
-# UBP 4 x 1 on 1x1 96->576 @14 and 320->1280 @7 at 2/3/5/10x:
-GATHERED_FMA_NS = 0.30  # the gathered kernel, per stored tap and output pixel
-ROWS_UNIT_NS = 0.25  # the rows form, per unit of choose_rows' cost and pixel vector
-ROWS_COPY_NS = 0.45  # the rows form's layout copies, per input and output element
+@dataclass(frozen=True)
+class UnalignedConvTimes:
+    """The UBP conv forms' time model on one SIMD width, in ns (1 thread)."""
+
+    gathered_fma_ns: float  # the gathered kernel, per stored tap and output pixel
+    rows_unit_ns: float  # the rows form, per unit of choose_rows' cost and pixel vector
+    rows_copy_ns: float  # the rows form's layout copies, per input and output element
+
+
+# Fitted to UBP 4 x 1 on 1x1 96->576 @14 and 320->1280 @7 at 2/3/5/10x: on Zen4 to the
+# times, on Zen3 (a linear fit there is off by up to 30%) to the faster form at each
+# point: the rows form from 3x on 320->1280 @7 (0.55 / 0.27 / 0.15 ms against pieces
+# 0.62 / 0.36 / 0.21 at 3/5/10x; 0.85 against 0.68 at 2x), never on 96->576 @14. The
+# pieces cost about the same per tap on both (a 16-lane FMA on Zen4's 256-bit units,
+# an 8-lane one on Zen3); the rows form's copies cost more per element on 8 lanes.
+# Narrower SIMD (NEON, OpenCL) takes the 8-lane figures. SIMD-wide blocks straddle
+# tiles nearly always, and their pieces cost more per tap than these (8 x 1 on Zen3,
+# 320->1280 @7 at 10x: 0.18 ms, estimated 0.14; the rows form 0.15): not modelled.
+UBP_CONV_TIMES = {16: UnalignedConvTimes(0.30, 0.25, 0.45),  # Zen4 (AVX-512)
+                  8: UnalignedConvTimes(0.30, 0.20, 0.55)}  # Zen3 (AVX2)
 ROWS_MARGIN = 0.9  # the rows form must be estimated this much faster to be taken
 
 
@@ -356,18 +371,20 @@ def rows_form_pays(weight: np.ndarray, geometry: LayerGeometry, tile: int, lanes
     the union of kept columns over each tile (blocks straddling two tiles count in
     both); the rows form wastes no lane on a block's offset but transposes its input
     and output between the blocked layout and channel planes, a fixed cost per element
-    that large maps and low rates do not repay. Measured (4 x 1 blocks, Zen4, 1
-    thread): 1x1 320->1280 @7 at 10x, rows 0.105 ms against pieces 0.150; 96->576 @14
-    at 10x, rows 0.084-0.113 against 0.082."""
+    that large maps and low rates do not repay (:data:`UBP_CONV_TIMES`). Measured (4 x 1
+    blocks, 1 thread): 1x1 320->1280 @7 at 10x, rows 0.105 ms against pieces 0.150 on
+    Zen4, 0.150 against 0.208 on Zen3; 96->576 @14 at 10x, rows 0.084-0.113 against
+    0.082 on Zen4, 0.145 against 0.109 on Zen3."""
     from tir_schedules.sparse_csr import choose_rows, straddle_entries
 
+    times = UBP_CONV_TIMES[16 if lanes >= 16 else 8]
     pixels = geometry.output_pixels()
-    gathered = GATHERED_FMA_NS * straddle_entries(weight, tile) * pixels
+    gathered = times.gathered_fma_ns * straddle_entries(weight, tile) * pixels
     rows = choose_rows(weight, candidates, geometry.groups)
     vectors = -(-pixels // lanes)
     copies = (geometry.data_shape[1] + geometry.out_channels) * pixels
-    estimate = (ROWS_UNIT_NS * straddle_entries(weight, rows) * (rows + 1 + rows / 4) * vectors
-                + ROWS_COPY_NS * copies)
+    estimate = (times.rows_unit_ns * straddle_entries(weight, rows) * (rows + 1 + rows / 4)
+                * vectors + times.rows_copy_ns * copies)
     return estimate < ROWS_MARGIN * gathered
 
 

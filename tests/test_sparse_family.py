@@ -346,8 +346,7 @@ def test_unaligned_conv_form_follows_its_estimated_time():
             packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
             chosen[rows, rate] = kernel.name
             assert packed.kept_macs <= packed.computed_macs
-    if lanes >= 16:  # tiles of 16 filters waste 3/4 of their lanes on 4-row blocks
-        assert chosen[4, 10] == "unaligned_rows"
+    assert chosen[4, 10] == "unaligned_rows"  # measured faster on Zen3 and Zen4
     assert chosen[4, 2] == chosen[lanes, 10] == "unaligned_gathered"
 
 
