@@ -531,7 +531,8 @@ def test_entry_form_fits_the_registers_and_costs_least(lanes, registers, size, p
     form = sp.choose_entry_form(lanes, registers, size, size, padding)
     vectors = form.tile // lanes
     assert form.tile % lanes == 0 and vectors >= 1
-    assert vectors == 1 or (3 * vectors + 10 if form.fold_rows else 4 * vectors + 2) <= registers
+    held = 3 * vectors + 10 if form.fold_rows else 4 * vectors + 2
+    assert vectors == 1 or held <= registers
     live = lambda f: sp._entry_layout(f, size, size, padding, (1, 1), lanes)[2]  # noqa: E731
     spills = lambda f: f.tile // lanes > sp._held_vectors(f.fold_rows, registers)  # noqa: E731
     fitting = [sp.EntryForm(fold, lanes * v) for fold, most in

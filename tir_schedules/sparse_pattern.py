@@ -483,8 +483,8 @@ SPILLED_PLANES_COST = 0.1
 FMAS_IN_FLIGHT = 8
 
 
-def choose_entry_form(lanes: int, registers: int, height: int | None = None,
-                      width: int | None = None, padding: Sequence[int] = (1, 1, 1, 1),
+def choose_entry_form(lanes: int, registers: int, height: int, width: int,
+                      padding: Sequence[int] = (1, 1, 1, 1),
                       dilation: Sequence[int] = (1, 1)) -> EntryForm:
     """The :class:`EntryForm` of a layer: planes and tile whose pattern loop fits the
     registers, and among those the least cost.
@@ -501,16 +501,15 @@ def choose_entry_form(lanes: int, registers: int, height: int | None = None,
     :data:`SPILLED_PLANES_COST` more where the planes do not all stay in registers
     across patterns; and in proportion where a kernel's step has fewer independent
     FMAs than :data:`FMAS_IN_FLIGHT` (a 1-vector tile of entry planes has 4: half
-    speed; column planes need 4 vectors). So on AVX-512 a 14x14 map takes column planes (224 products, pitch 16, two
-    tiles of 112) and a 28x28 one entry planes in tiles of 48 (816 products at pitch
-    29, against 896 at pitch 32); on AVX2 both take entry planes in tiles of 24 (Zen3,
-    1 thread, pruned 3x: 128->128 @28 1.46 ms against 2.26 ms in tiles of 8, dense TVM
-    2.95 ms; 256->256 @14 1.39 ms against 2.42 ms in column planes, dense 2.96 ms), and
-    a 7x7 map tiles of 16 (512->512: 2.53 ms against 3.09 ms in tiles of 8)."""
+    speed; column planes need 4 vectors). So on AVX-512 a 14x14 map takes column
+    planes (224 products, pitch 16, two tiles of 112) and a 28x28 one entry planes in
+    tiles of 48 (816 products at pitch 29, against 896 at pitch 32); on AVX2 both take
+    entry planes in tiles of 24 (Zen3, 1 thread, pruned 3x: 128->128 @28 1.46 ms
+    against 2.26 ms in tiles of 8, dense TVM 2.95 ms; 256->256 @14 1.39 ms against
+    2.42 ms in column planes, dense 2.96 ms), and a 7x7 map tiles of 16 (512->512:
+    2.53 ms against 3.09 ms in tiles of 8)."""
     entry_vectors = max(1, (registers - 2) // 4)
     column_vectors = max(1, (registers - 10) // 3)
-    if height is None or width is None:
-        return EntryForm(False, lanes * min(entry_vectors, _held_vectors(False, registers)))
     forms = [EntryForm(fold, lanes * v) for fold, most in ((False, entry_vectors),
                                                            (True, column_vectors))
              for v in range(most, 0, -1)]
