@@ -330,9 +330,9 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
     kernel ``j`` of pattern ``p`` adds to the planes of ``p``'s entries and no other
     (the other terms are constant zeros, folded away): one code path per pattern, and
     the pattern's planes' accumulators stay in registers over its kernels (see
-    :func:`choose_entry_form`). Same arrays and
-    result as :func:`pattern_conv2d`; ``pixel_tile`` and ``fold_rows`` are an
-    :class:`EntryForm`'s (Relax's ``call_te`` passes numbers, not objects).
+    :func:`choose_entry_form`). Same arrays and result as :func:`pattern_conv2d`;
+    ``pixel_tile`` and ``fold_rows`` are an :class:`EntryForm`'s (Relax's ``call_te``
+    passes numbers, not objects).
 
     Only the planes' own pixels are multiplied (entry planes: the input rows a zero gap
     apart, and the products of the padding rows are zeros no FMA computes: the tiles
