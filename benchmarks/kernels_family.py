@@ -9,8 +9,10 @@ heights, such as the UBP paper's 4), ``block_based`` with the same block rows (G
 aligned: the baseline UBP is held to) and ``unstructured`` (rates 2/3/5/10). Each
 kernel is built as the pipeline builds it (same packers and emitters as
 ``relay_passes.sparse_kernels``, scheduled by ``schedule_primfunc``), its
-output checked against numpy; timings are medians of interleaved rounds after warm-up
-(``benchmarks/kernels.py``'s method), dense-equivalent speed-ups over dense TVM.
+output checked against numpy. The schemes of a layer at one rate, dense TVM and
+onnxruntime are timed in the same interleaved rounds (medians after warm-up,
+``benchmarks/kernels.py``'s method), so "pattern vs CSR" and "unaligned vs aligned" are
+ratios of one run; speed-ups are dense-equivalent, over dense TVM.
 """
 
 from __future__ import annotations
@@ -121,36 +123,56 @@ def sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg):
                        shape), kernel.name
 
 
-def bench(layer, scheme, rate, make_spec, lanes, target_spec, cfg, threads, rounds,
-          round_ms, dense, session_model):
+def build_case(layer, make_spec, rate, lanes, target_spec, cfg):
+    """The input, the weight and one scheme's kernel at ``rate`` for ``layer``; the
+    kernel's output checked against numpy (max relative error)."""
     import numpy as np
 
-    from npas_tvm.runtime import ort_session, time_interleaved
     from npas_tvm.schemes import make_mask
 
-    name, kind, cin, cout, size, k = layer
-    rng = np.random.default_rng(0)
-    shape = (cout, cin) if kind == "fc" else (cout, cin, k, k)
-    weight = rng.standard_normal(shape).astype("float32")
+    kind = layer[1]
+    x, weight = layer_data(layer)
     spec_obj = make_spec(rate)
-    w4 = weight if kind == "fc" else weight
-    pruned = (w4 * make_mask(w4, spec_obj)).astype("float32")
-    x = rng.standard_normal((1, cin) if kind == "fc" else (1, cin, size, size)).astype("float32")
+    pruned = (weight * make_mask(weight, spec_obj)).astype("float32")
     sparse, kname = sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg)
     got = sparse.result()
     got = got if kind == "fc" else base.unblocked(got)
     ref = base.reference(kind, x, pruned)
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-    dense_kernel = dense(x, weight)
+    return sparse, kname, err
+
+
+def layer_data(layer):
+    """The layer's input and dense weight (fixed seed: every scheme prunes the same)."""
+    import numpy as np
+
+    _, kind, cin, cout, size, k = layer
+    rng = np.random.default_rng(0)
+    shape = (cout, cin) if kind == "fc" else (cout, cin, k, k)
+    weight = rng.standard_normal(shape).astype("float32")
+    x = rng.standard_normal((1, cin) if kind == "fc" else (1, cin, size, size)).astype("float32")
+    return x, weight
+
+
+def bench_rate(layer, rate, schemes, lanes, target_spec, cfg, threads, rounds, round_ms,
+               dense_kernel, session):
+    """One row per scheme of ``schemes`` (label, spec of a rate) at ``rate``: every
+    scheme's kernel, dense TVM and onnxruntime timed in the same interleaved rounds, so
+    the schemes compare at equal rate as ratios of one run."""
+    from npas_tvm.runtime import time_interleaved
+
+    x, _ = layer_data(layer)
+    cases = {label: build_case(layer, make_spec, rate, lanes, target_spec, cfg)
+             for label, make_spec in schemes}
     base.set_tvm_threads(threads)
-    session = ort_session(session_model(weight), threads)
-    engines = {"sparse": sparse.run, "dense": dense_kernel.run,
-               "ort": lambda: session.run(None, {"x": x})}
+    engines = {"dense": dense_kernel.run, "ort": lambda: session.run(None, {"x": x})}
+    engines.update({label: case[0].run for label, case in cases.items()})
     calls = {n: base.calls_per_round(fn, round_ms) for n, fn in engines.items()}
     timings = time_interleaved({n: base.repeat(fn, calls[n]) for n, fn in engines.items()},
-                               rounds=rounds, budget_s=20.0)
+                               rounds=rounds, budget_s=10.0 * len(engines))
     ms = {n: timings[n].median_ms / calls[n] for n in engines}
-    return Row(name, scheme, kname, rate, threads, ms["sparse"], ms["dense"], ms["ort"], err)
+    return [Row(layer[0], label, kname, rate, threads, ms[label], ms["dense"], ms["ort"], err)
+            for label, (_, kname, err) in cases.items()]
 
 
 def family_goals(rows: list[dict]) -> list[str]:
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="write a PNG of speed-up vs rate here")
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from npas_tvm.runtime import ort_session
     from npas_tvm.targets import detect_host_cpu, resolve_target
     from tir_schedules import default_config
 
@@ -245,17 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.layers and not any(part in layer[0] for part in args.layers):
             continue
         name, kind, cin, cout, size, k = layer
-        dense = lambda x, w, kind=kind: base.dense_kernel(kind, x, w, lanes, target_spec, cfg)  # noqa: E731
-        model = lambda w, kind=kind, size=size, k=k: base.ort_model(kind, w, size, k)  # noqa: E731
+        x, weight = layer_data(layer)
+        dense_kernel = base.dense_kernel(kind, x, weight, lanes, target_spec, cfg)
+        session = ort_session(base.ort_model(kind, weight, size, k), args.threads)
+        by_rate: dict[float, list] = {}
         for scheme, rates, make_spec in schemes_for(k, lanes, block_rows):
             for rate in rates:
-                row = bench(layer, scheme, rate, make_spec, lanes, target_spec, cfg,
-                            args.threads, args.rounds, args.round_ms, dense, model)
+                by_rate.setdefault(rate, []).append((scheme, make_spec))
+        for rate, schemes in sorted(by_rate.items()):
+            for row in bench_rate(layer, rate, schemes, lanes, target_spec, cfg, args.threads,
+                                  args.rounds, args.round_ms, dense_kernel, session):
                 rows.append(row)
                 flag = "" if row.max_rel_err < 1e-4 else f" MISMATCH {row.max_rel_err:.2g}"
-                print(f"| {row.layer} | {scheme} | {row.kernel} | {rate:g}x | {row.ms:.4f} | "
-                      f"{row.dense_ms:.4f} | {row.ort_ms:.4f} | {row.speedup:.2f}x | "
-                      f"{row.ort_ms / row.ms:.2f}x |{flag}", flush=True)
+                print(f"| {row.layer} | {row.scheme} | {row.kernel} | {rate:g}x | "
+                      f"{row.ms:.4f} | {row.dense_ms:.4f} | {row.ort_ms:.4f} | "
+                      f"{row.speedup:.2f}x | {row.ort_ms / row.ms:.2f}x |{flag}", flush=True)
     print("\ngoals:")
     for line in family_goals([asdict(r) for r in rows]):
         print("  " + line)
