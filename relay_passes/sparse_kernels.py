@@ -290,8 +290,10 @@ class PatternKernel(PixelKernel):
             lanes = _target_lanes()
             self._block = channel_block(geometry.out_channels, lanes) or 1
             _, _, height, width = geometry.data_shape
+            loops = max(int(np.count_nonzero(arrays.counts)), 1)
             form = choose_entry_form(lanes, _target_registers(lanes), height, width,
-                                     geometry.padding, geometry.dilation)
+                                     geometry.padding, geometry.dilation,
+                                     arrays.kept_kernels() / loops)
             return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
                               form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)

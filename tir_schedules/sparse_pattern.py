@@ -485,7 +485,8 @@ FMAS_IN_FLIGHT = 8
 
 def choose_entry_form(lanes: int, registers: int, height: int, width: int,
                       padding: Sequence[int] = (1, 1, 1, 1),
-                      dilation: Sequence[int] = (1, 1)) -> EntryForm:
+                      dilation: Sequence[int] = (1, 1),
+                      kernels_per_pattern: float | None = None) -> EntryForm:
     """The :class:`EntryForm` of a layer: planes and tile whose pattern loop fits the
     registers, and among those the least cost.
 
@@ -507,7 +508,18 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     entry planes in tiles of 24 (Zen3, 1 thread, pruned 3x: 128->128 @28 1.46 ms
     against 2.26 ms in tiles of 8, dense TVM 2.95 ms; 256->256 @14 1.39 ms against
     2.42 ms in column planes, dense 2.96 ms), and a 7x7 map tiles of 16 (512->512:
-    2.53 ms against 3.09 ms in tiles of 8)."""
+    2.53 ms against 3.09 ms in tiles of 8).
+
+    ``kernels_per_pattern`` (the layer's kept kernels over its non-empty pattern loops;
+    None: many) adds what each pattern loop pays once per tile: reloading and storing
+    the accumulators of its planes that the registers do not hold
+    (:func:`_spilled_pattern_planes`), 2 per vector, shared by that many kernels. At
+    high rates few kernels share it: on AVX2 a layer takes tiles of 16 below about 8
+    kernels per loop (128->128 @28 from 5x; 256->256 @14 keeps 24 up to 10x, its map
+    rounding up to fewer products in tiles of 24). Zen3, 1 thread, 128->128 @28,
+    minimum of 50 interleaved rounds, three runs: 7x 0.80-0.85 ms against 0.86-0.92 ms
+    in tiles of 24; 10x 0.67-0.99 against 0.72-1.09; at 5x either within 5%. Forms
+    that hold every plane (AVX-512's above) do not move."""
     entry_vectors = max(1, (registers - 2) // 4)
     column_vectors = max(1, (registers - 10) // 3)
     forms = [EntryForm(fold, lanes * v) for fold, most in ((False, entry_vectors),
@@ -520,10 +532,24 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
         spilled = vectors > _held_vectors(form.fold_rows, registers)
         chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
         waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
-        return (live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
-                * (1 + SPILLED_PLANES_COST * spilled) * waits)
+        per_kernel = ((3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
+                      * (1 + SPILLED_PLANES_COST * spilled) * waits)
+        per_loop = 2 * _spilled_pattern_planes(form, lanes, registers)
+        return live * (per_kernel + (per_loop / kernels_per_pattern
+                                     if kernels_per_pattern else 0.0))
 
     return min(forms, key=cost)
+
+
+def _spilled_pattern_planes(form: EntryForm, lanes: int, registers: int) -> float:
+    """A pattern's planes (4 entries or 3 columns) whose accumulators are not in
+    registers when its loop starts, expected: the registers beside one tile of inputs
+    and a broadcast hold that many of the form's planes, and a pattern's planes are as
+    likely as any to be among the others."""
+    vectors = form.tile // lanes
+    planes, per_pattern = (3, 3) if form.fold_rows else (9, PATTERN_SIZE)
+    held = max(0, min(planes, (registers - vectors - 1) // vectors))
+    return per_pattern * (planes - held) / planes
 
 
 def _held_vectors(fold_rows: bool, registers: int) -> int:
