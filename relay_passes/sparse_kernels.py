@@ -290,10 +290,9 @@ class PatternKernel(PixelKernel):
             lanes = _target_lanes()
             self._block = channel_block(geometry.out_channels, lanes) or 1
             _, _, height, width = geometry.data_shape
-            loops = max(int(np.count_nonzero(arrays.counts)), 1)
             form = choose_entry_form(lanes, _target_registers(lanes), height, width,
                                      geometry.padding, geometry.dilation,
-                                     arrays.kept_kernels() / loops)
+                                     arrays.kernels_per_pattern_loop())
             return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
                               form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)

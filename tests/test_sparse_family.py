@@ -534,7 +534,7 @@ def test_entry_form_fits_the_registers_and_costs_least(lanes, registers, size, p
     held = 3 * vectors + 10 if form.fold_rows else 4 * vectors + 2
     assert vectors == 1 or held <= registers
     live = lambda f: sp._entry_layout(f, size, size, padding, (1, 1), lanes)[2]  # noqa: E731
-    spills = lambda f: f.tile // lanes > sp._held_vectors(f.fold_rows, registers)  # noqa: E731
+    spills = lambda f: sp._spilled_pattern_planes(f, lanes, registers) > 0  # noqa: E731
     fitting = [sp.EntryForm(fold, lanes * v) for fold, most in
                ((False, max(1, (registers - 2) // 4)), (True, max(1, (registers - 10) // 3)))
                for v in range(1, most + 1)]

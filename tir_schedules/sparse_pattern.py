@@ -102,6 +102,10 @@ class PatternWeights:
     def kept_kernels(self) -> int:
         return int(self.counts.sum())
 
+    def kernels_per_pattern_loop(self) -> float:
+        """Kept kernels over the (filter, pattern) loops that run at least once."""
+        return self.kept_kernels() / max(int(np.count_nonzero(self.counts)), 1)
+
     def entries(self, pattern: int) -> list[tuple[int, int]]:
         """(dy, dx) of the 4 entries of the layer's pattern ``pattern``, in stored order."""
         return [(int(e) // 3, int(e) % 3)
@@ -529,12 +533,12 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     def cost(form: EntryForm) -> float:
         live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
         vectors = form.tile // lanes
-        spilled = vectors > _held_vectors(form.fold_rows, registers)
+        per_loop = 2 * _spilled_pattern_planes(form, lanes, registers)
+        spilled = per_loop > 0  # some planes wait in L1 between patterns
         chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
         waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
         per_kernel = ((3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
                       * (1 + SPILLED_PLANES_COST * spilled) * waits)
-        per_loop = 2 * _spilled_pattern_planes(form, lanes, registers)
         return live * (per_kernel + (per_loop / kernels_per_pattern
                                      if kernels_per_pattern else 0.0))
 
@@ -550,12 +554,6 @@ def _spilled_pattern_planes(form: EntryForm, lanes: int, registers: int) -> floa
     planes, per_pattern = (3, 3) if form.fold_rows else (9, PATTERN_SIZE)
     held = max(0, min(planes, (registers - vectors - 1) // vectors))
     return per_pattern * (planes - held) / planes
-
-
-def _held_vectors(fold_rows: bool, registers: int) -> int:
-    """The widest tile (in vectors) whose planes all stay in registers across patterns:
-    9 entry planes or 3 column planes, plus the input and a broadcast (at least 1)."""
-    return max(1, (registers - 2) // (3 if fold_rows else 9))
 
 
 def entries_form_pays(stride: Sequence[int], family: str) -> bool:
