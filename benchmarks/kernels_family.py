@@ -123,15 +123,13 @@ def sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg):
                        shape), kernel.name
 
 
-def build_case(layer, make_spec, rate, lanes, target_spec, cfg):
-    """The input, the weight and one scheme's kernel at ``rate`` for ``layer``; the
-    kernel's output checked against numpy (max relative error)."""
+def build_case(kind, x, weight, make_spec, rate, lanes, target_spec, cfg):
+    """One scheme's kernel at ``rate`` for a layer of ``kind`` with input ``x`` and
+    dense ``weight``, its output checked against numpy (max relative error)."""
     import numpy as np
 
     from npas_tvm.schemes import make_mask
 
-    kind = layer[1]
-    x, weight = layer_data(layer)
     spec_obj = make_spec(rate)
     pruned = (weight * make_mask(weight, spec_obj)).astype("float32")
     sparse, kname = sparse_kernel(kind, x, pruned, spec_obj, lanes, target_spec, cfg)
@@ -154,15 +152,15 @@ def layer_data(layer):
     return x, weight
 
 
-def bench_rate(layer, rate, schemes, lanes, target_spec, cfg, threads, rounds, round_ms,
-               dense_kernel, session):
-    """One row per scheme of ``schemes`` (label, spec of a rate) at ``rate``: every
-    scheme's kernel, dense TVM and onnxruntime timed in the same interleaved rounds, so
-    the schemes compare at equal rate as ratios of one run."""
+def bench_rate(layer, x, weight, rate, schemes, lanes, target_spec, cfg, threads, rounds,
+               round_ms, dense_kernel, session):
+    """One row per scheme of ``schemes`` (label, spec of a rate) at ``rate`` on
+    ``layer`` (input ``x``, dense ``weight``): every scheme's kernel, dense TVM and
+    onnxruntime timed in the same interleaved rounds, so the schemes compare at equal
+    rate as ratios of one run."""
     from npas_tvm.runtime import time_interleaved
 
-    x, _ = layer_data(layer)
-    cases = {label: build_case(layer, make_spec, rate, lanes, target_spec, cfg)
+    cases = {label: build_case(layer[1], x, weight, make_spec, rate, lanes, target_spec, cfg)
              for label, make_spec in schemes}
     base.set_tvm_threads(threads)
     engines = {"dense": dense_kernel.run, "ort": lambda: session.run(None, {"x": x})}
@@ -267,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in base.LAYERS:
         if args.layers and not any(part in layer[0] for part in args.layers):
             continue
-        name, kind, cin, cout, size, k = layer
+        _, kind, _, _, size, k = layer
         x, weight = layer_data(layer)
         dense_kernel = base.dense_kernel(kind, x, weight, lanes, target_spec, cfg)
         session = ort_session(base.ort_model(kind, weight, size, k), args.threads)
@@ -276,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             for rate in rates:
                 by_rate.setdefault(rate, []).append((scheme, make_spec))
         for rate, schemes in sorted(by_rate.items()):
-            for row in bench_rate(layer, rate, schemes, lanes, target_spec, cfg, args.threads,
-                                  args.rounds, args.round_ms, dense_kernel, session):
+            for row in bench_rate(layer, x, weight, rate, schemes, lanes, target_spec, cfg,
+                                  args.threads, args.rounds, args.round_ms, dense_kernel,
+                                  session):
                 rows.append(row)
                 flag = "" if row.max_rel_err < 1e-4 else f" MISMATCH {row.max_rel_err:.2g}"
                 print(f"| {row.layer} | {row.scheme} | {row.kernel} | {rate:g}x | "
