@@ -18,6 +18,7 @@ from test_sparse_kernels import _blocked, _host, _tap_loop_extents, _unblocked
 
 from npas_tvm.schemes import (PatternSpec, UnalignedBlockSpec, UnstructuredSpec, make_mask,
                               satisfies)
+from npas_tvm.schemes.pattern import CANDIDATES
 from tir_schedules import sparse_conv as sc
 from tir_schedules import sparse_csr as cs
 from tir_schedules import sparse_pattern as sp
@@ -133,6 +134,21 @@ def test_pattern_format_round_trips_any_pattern_mask(seed, filters, channels, ra
     assert len(packed.patterns) <= max(patterns, 1) + 1
     counts = packed.counts.reshape(filters, -1).sum(axis=1)
     assert list(counts) == sorted(counts, reverse=True)  # filter-kernel reorder
+
+
+@given(st.lists(st.integers(0, len(CANDIDATES) - 1), min_size=1, max_size=12, unique=True))
+def test_pattern_loops_run_in_a_chain_of_shared_entries(patterns):
+    """Each next pattern loop shares at least as many entries with the last as any
+    pattern left: a permutation, and the planes it shares stay in registers."""
+    chain = sp.chain_patterns(patterns)
+    assert sorted(chain) == sorted(patterns) and chain[0] == patterns[0]
+
+    def shared(a, b):
+        return int(np.count_nonzero(CANDIDATES[a] & CANDIDATES[b]))
+
+    for i in range(1, len(chain)):
+        assert all(shared(chain[i - 1], chain[i]) >= shared(chain[i - 1], rest)
+                   for rest in chain[i:])
 
 
 def test_pattern_pack_rejects_a_non_pattern_kernel():

@@ -174,6 +174,38 @@ def flat_input(data, grid: PixelGrid, extent: int | None = None):
                              "npas_in_block": block})
 
 
+def tiled_flat_input(data, grid: PixelGrid, positions: int):
+    """``[N, tiles * C * tile]``: the zero-padded input in pixel tiles, each tile holding
+    every channel's ``grid.tile`` positions in a row (position ``x`` of channel ``c`` at
+    ``(x // tile) * C * tile + c * tile + x % tile``), for ``positions`` positions of the
+    padded plane (a multiple of the tile).
+
+    A kernel that walks pixel tiles outermost and reads each tile of many channels
+    reads one contiguous block instead of one run per channel plane: one stream the
+    hardware prefetcher follows, where channel planes are as many streams as channels."""
+    from tvm import te, tirx
+
+    n, _, height, width, block = (int(v) for v in data.shape)
+    _, wp = grid.padded
+    top, left = grid.padding[0], grid.padding[1]
+    tile, channels = grid.tile, grid.channels
+    if positions % tile:
+        raise ValueError(f"{positions} positions are not whole tiles of {tile}")
+
+    def body(b, e):
+        x = e // (channels * tile) * tile + e % tile
+        channel = e // tile % channels
+        y, col = x // wp - top, x % wp - left
+        inside = te.all(y >= 0, y < height, col >= 0, col < width)
+        value = data[b, channel // block, te.max(te.min(y, height - 1), 0),
+                     te.max(te.min(col, width - 1), 0), channel % block]
+        return tirx.Select(inside, value, tirx.const(0.0, "float32"))
+
+    return te.compute((n, positions * channels), body, name=PIXEL_PAD_BLOCK,
+                      attrs={"npas_tile": tile, "npas_in_block": block,
+                             "npas_channels": channels})
+
+
 def blocked_output(acc_at, n: int, grid: PixelGrid | None, out_channels: int, out_block: int,
                    out_grid: tuple[int, int, int] | None = None):
     """``NCHW{out_block}c`` output from ``acc_at(b, channel, q)`` (the kernel's flat
@@ -272,19 +304,7 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
     vectorizes it across the lanes (one gather per pixel) where its cost model rates
     gathers cheap, as for Zen4, whose gathers are slow (1x1 96->576 @14, CSR at 10x:
     0.096 -> 0.087 ms on a Zen4 EPYC)."""
-    pad = find_block(sch, PIXEL_PAD_BLOCK)
-    n, e = sch.get_loops(pad)
-    extent = loop_extents(sch, pad)[1]
-    annotations = sch.get(pad).annotations
-    width, rows = int(annotations["npas_row"]), int(annotations["npas_plane_rows"])
-    in_block = int(annotations["npas_in_block"])
-    channel, row, x = sch.split(e, [None, rows, width])  # exact: whole planes of whole rows
-    chunk, lane = sch.split(channel, [None, in_block])
-    sch.reorder(chunk, row, x, lane)
-    sch.unroll(lane)
-    outer = sch.fuse(n, chunk)
-    if extent >= 4096 and work >= cfg.parallel_min_flops:
-        sch.parallel(outer)
+    _schedule_padding_copy(sch, cfg, work)
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
     after = blocks[names.index(sch.get(main).name_hint) + 1:]
@@ -296,13 +316,38 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
     outer = sch.fuse(*loops[:3]) if len(loops) >= 5 else loops[0]
     if len(loops) >= 5:  # (image, chunk, row) -> lane -> column runs (unrolled)
         ow, lane = loops[3], loops[4]
-        out_w = extents[3]
-        run = largest_divisor(out_w, OUTPUT_RUN)
+        run = largest_divisor(extents[3], OUTPUT_RUN)
         ow_outer, ow_inner = sch.split(ow, [None, run])
         sch.reorder(lane, ow_outer, ow_inner)
         sch.unroll(ow_inner)
         sch.unroll(lane)  # else LLVM may vectorize it into gathers (it does for znver4)
     if work >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+
+
+def _schedule_padding_copy(sch, cfg: CpuScheduleConfig, work: int) -> None:
+    """The padding copy (:func:`flat_input` or :func:`tiled_flat_input`): per block of
+    ``ib`` channels, each pixel's vector read once and its lanes written to ``ib``
+    planes (or rows of a tile), parallel when big."""
+    pad = find_block(sch, PIXEL_PAD_BLOCK)
+    n, e = sch.get_loops(pad)
+    extent = loop_extents(sch, pad)[1]
+    annotations = sch.get(pad).annotations
+    in_block = int(annotations["npas_in_block"])
+    if "npas_tile" in annotations:  # tile -> channel block -> position -> lane
+        tile = int(annotations["npas_tile"])
+        chunks = int(annotations["npas_channels"]) // in_block
+        tiles, chunk, lane, x = sch.split(e, [None, chunks, in_block, tile])
+        sch.reorder(tiles, chunk, x, lane)
+        outer = sch.fuse(n, tiles)
+    else:  # channel block -> row -> column -> lane
+        width, rows = int(annotations["npas_row"]), int(annotations["npas_plane_rows"])
+        channel, row, x = sch.split(e, [None, rows, width])  # exact: whole planes, rows
+        chunk, lane = sch.split(channel, [None, in_block])
+        sch.reorder(chunk, row, x, lane)
+        outer = sch.fuse(n, chunk)
+    sch.unroll(lane)
+    if extent >= 4096 and work >= cfg.parallel_min_flops:
         sch.parallel(outer)
 
 
