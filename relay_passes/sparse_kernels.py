@@ -291,8 +291,7 @@ class PatternKernel(PixelKernel):
             self._block = channel_block(geometry.out_channels, lanes) or 1
             _, _, height, width = geometry.data_shape
             form = choose_entry_form(lanes, _target_registers(lanes), height, width,
-                                     geometry.padding, geometry.dilation,
-                                     arrays.kernels_per_pattern_loop())
+                                     geometry.padding, geometry.dilation)
             return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
                               form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)

@@ -550,7 +550,7 @@ def test_entry_form_fits_the_registers_and_costs_least(lanes, registers, size, p
     held = 3 * vectors + 10 if form.fold_rows else 4 * vectors + 2
     assert vectors == 1 or held <= registers
     live = lambda f: sp._entry_layout(f, size, size, padding, (1, 1), lanes)[2]  # noqa: E731
-    spills = lambda f: sp._spilled_pattern_planes(f, lanes, registers) > 0  # noqa: E731
+    spills = lambda f: sp._planes_spill(f, lanes, registers)  # noqa: E731
     fitting = [sp.EntryForm(fold, lanes * v) for fold, most in
                ((False, max(1, (registers - 2) // 4)), (True, max(1, (registers - 10) // 3)))
                for v in range(1, most + 1)]
@@ -566,37 +566,10 @@ def test_entry_form_choices_measured_on_avx512():
     assert sp.choose_entry_form(16, 32, 28, 28) == sp.EntryForm(False, 48)
 
 
-def test_entry_form_counts_pattern_loops_at_high_rates():
-    """Few kernels per pattern loop make its spilled accumulators count: AVX2 drops
-    from tiles of 24 to 16 (fewer planes spilled) on a 28x28 map at 5x-10x, keeps 24
-    at 3x; AVX-512's forms hold every plane and stay put at any rate."""
-    assert sp.choose_entry_form(8, 16, 28, 28, kernels_per_pattern=12) == sp.EntryForm(False, 24)
-    for kernels in (7.2, 3.7, 1):
-        assert sp.choose_entry_form(8, 16, 28, 28, kernels_per_pattern=kernels) == \
-            sp.EntryForm(False, 16)
-    for kernels in (None, 48, 12, 3.7, 1):
-        assert sp.choose_entry_form(16, 32, 14, 14, kernels_per_pattern=kernels) == \
-            sp.EntryForm(True, 112)
-        assert sp.choose_entry_form(16, 32, 28, 28, kernels_per_pattern=kernels) == \
-            sp.EntryForm(False, 48)
-
-
-@given(st.sampled_from([(8, 16), (16, 32), (4, 32)]), st.sampled_from([7, 14, 28, 56]),
-       st.floats(0.5, 64))
-def test_spilled_pattern_planes_never_favour_spilling(machine, size, kernels):
-    """Fewer kernels per loop never moves the choice to a form with more of a
-    pattern's planes spilled: the per-loop term only adds to spilled forms."""
-    lanes, registers = machine
-    many = sp.choose_entry_form(lanes, registers, size, size)
-    few = sp.choose_entry_form(lanes, registers, size, size, kernels_per_pattern=kernels)
-    assert (sp._spilled_pattern_planes(few, lanes, registers)
-            <= sp._spilled_pattern_planes(many, lanes, registers))
-
-
 def test_entry_form_choices_measured_on_avx2():
     """With 16 registers of 8 lanes, entry planes in tiles of 24 (3 vectors, 12 FMA
     chains, the other planes in L1 between patterns) on 14x14, 28x28 and 56x56: on
     Zen3 they ran 1.3-1.6x faster than the 1-vector tile that holds all 9 planes, and
-    than column planes in tiles of 16."""
+    than column planes in tiles of 16; and no slower than tiles of 16 at 5-10x."""
     for size in (14, 28, 56):
         assert sp.choose_entry_form(8, 16, size, size) == sp.EntryForm(False, 24)

@@ -115,10 +115,6 @@ class PatternWeights:
     def kept_kernels(self) -> int:
         return int(self.counts.sum())
 
-    def kernels_per_pattern_loop(self) -> float:
-        """Kept kernels over the (filter, pattern) loops that run at least once."""
-        return self.kept_kernels() / max(int(np.count_nonzero(self.counts)), 1)
-
     def entries(self, pattern: int) -> list[tuple[int, int]]:
         """(dy, dx) of the 4 entries of the layer's pattern ``pattern``, in stored order."""
         return [(int(e) // 3, int(e) % 3)
@@ -530,8 +526,7 @@ FMAS_IN_FLIGHT = 8
 
 def choose_entry_form(lanes: int, registers: int, height: int, width: int,
                       padding: Sequence[int] = (1, 1, 1, 1),
-                      dilation: Sequence[int] = (1, 1),
-                      kernels_per_pattern: float | None = None) -> EntryForm:
+                      dilation: Sequence[int] = (1, 1)) -> EntryForm:
     """The :class:`EntryForm` of a layer: planes and tile whose pattern loop fits the
     registers, and among those the least cost.
 
@@ -555,16 +550,13 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     2.42 ms in column planes, dense 2.96 ms), and a 7x7 map tiles of 16 (512->512:
     2.53 ms against 3.09 ms in tiles of 8).
 
-    ``kernels_per_pattern`` (the layer's kept kernels over its non-empty pattern loops;
-    None: many) adds what each pattern loop pays once per tile: reloading and storing
-    the accumulators of its planes that the registers do not hold
-    (:func:`_spilled_pattern_planes`), 2 per vector, shared by that many kernels. At
-    high rates few kernels share it: on AVX2 a layer takes tiles of 16 below about 8
-    kernels per loop (128->128 @28 from 5x; 256->256 @14 keeps 24 up to 10x, its map
-    rounding up to fewer products in tiles of 24). Zen3, 1 thread, 128->128 @28,
-    minimum of 50 interleaved rounds, three runs: 7x 0.80-0.85 ms against 0.86-0.92 ms
-    in tiles of 24; 10x 0.67-0.99 against 0.72-1.09; at 5x either within 5%. Forms
-    that hold every plane (AVX-512's above) do not move."""
+    A term for the spilled accumulators each pattern loop reloads and stores once per
+    tile, shared by that loop's kernels (few at high rates), once moved AVX2 to tiles
+    of 16 from 5x on 28x28 maps; with the input in pixel tiles, tiles of 24 are as
+    fast or faster at every rate (Zen3, 1 thread, 128->128 @28, minimums of 60-80
+    interleaved rounds: 5x 0.93 against 0.98 ms, 7x 0.83 against 0.85, 10x 0.73-0.94
+    against 0.77-1.00; 64->64 @56 at 10x level), so the kernels' count per loop plays
+    no part."""
     entry_vectors = max(1, (registers - 2) // 4)
     column_vectors = max(1, (registers - 10) // 3)
     forms = [EntryForm(fold, lanes * v) for fold, most in ((False, entry_vectors),
@@ -574,27 +566,22 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     def cost(form: EntryForm) -> float:
         live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
         vectors = form.tile // lanes
-        per_loop = 2 * _spilled_pattern_planes(form, lanes, registers)
-        spilled = per_loop > 0  # some planes wait in L1 between patterns
+        spilled = _planes_spill(form, lanes, registers)
         chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
         waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
         per_kernel = ((3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
                       * (1 + SPILLED_PLANES_COST * spilled) * waits)
-        return live * (per_kernel + (per_loop / kernels_per_pattern
-                                     if kernels_per_pattern else 0.0))
+        return live * per_kernel
 
     return min(forms, key=cost)
 
 
-def _spilled_pattern_planes(form: EntryForm, lanes: int, registers: int) -> float:
-    """A pattern's planes (4 entries or 3 columns) whose accumulators are not in
-    registers when its loop starts, expected: the registers beside one tile of inputs
-    and a broadcast hold that many of the form's planes, and a pattern's planes are as
-    likely as any to be among the others."""
+def _planes_spill(form: EntryForm, lanes: int, registers: int) -> bool:
+    """Whether some of the form's planes wait in L1 between patterns: the registers
+    beside one tile of inputs and a broadcast hold fewer tiles of accumulators than
+    the form has planes (9 entries or 3 columns)."""
     vectors = form.tile // lanes
-    planes, per_pattern = (3, 3) if form.fold_rows else (9, PATTERN_SIZE)
-    held = max(0, min(planes, (registers - vectors - 1) // vectors))
-    return per_pattern * (planes - held) / planes
+    return (registers - vectors - 1) // vectors < (3 if form.fold_rows else 9)
 
 
 def entries_form_pays(stride: Sequence[int], family: str) -> bool:
