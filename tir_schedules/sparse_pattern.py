@@ -183,9 +183,7 @@ def chain_patterns(patterns: Sequence[int]) -> tuple[int, ...]:
     registers cannot hold all 9 planes (AVX2's 16), the shared planes' accumulators
     stay in registers across the loop boundary instead of being stored and reloaded.
     """
-    rest = list(patterns)
-    order = rest[:1]
-    del rest[:1]
+    order, rest = list(patterns[:1]), list(patterns[1:])
     while rest:
         last = CANDIDATES[order[-1]]
         following = max(rest, key=lambda q: (int(np.count_nonzero(CANDIDATES[q] & last)), -q))
