@@ -105,6 +105,11 @@ class PixelGrid:
         return channel * self.plane + y * (self.dilation[0] * self.padded[1]) \
             + x * self.dilation[1]
 
+    def tiled_offset(self, channel, x):
+        """Element offset of position ``x`` of ``channel``'s padded plane in one image
+        of :func:`tiled_flat_input` (ints or exprs)."""
+        return x // self.tile * (self.channels * self.tile) + channel * self.tile + x % self.tile
+
     def pixel_offset(self, q):
         if self.unit_stride:
             return q
@@ -177,8 +182,8 @@ def flat_input(data, grid: PixelGrid, extent: int | None = None):
 def tiled_flat_input(data, grid: PixelGrid, positions: int):
     """``[N, tiles * C * tile]``: the zero-padded input in pixel tiles, each tile holding
     every channel's ``grid.tile`` positions in a row (position ``x`` of channel ``c`` at
-    ``(x // tile) * C * tile + c * tile + x % tile``), for ``positions`` positions of the
-    padded plane (a multiple of the tile).
+    ``grid.tiled_offset(c, x)``), for ``positions`` positions of the padded plane (a
+    multiple of the tile).
 
     A kernel that walks pixel tiles outermost and reads each tile of many channels
     reads one contiguous block instead of one run per channel plane: one stream the

@@ -420,9 +420,7 @@ def pattern_entries_conv2d(data, weights, channels, counts, position, patterns: 
         flat = flat_input(data, grid, grid.channels * grid.plane)
 
     def input_at(b, channel, x):
-        if tiled:
-            return flat[b, x // tile * (grid.channels * tile) + channel * tile + x % tile]
-        return flat[b, channel * grid.plane + x]
+        return flat[b, grid.tiled_offset(channel, x) if tiled else channel * grid.plane + x]
     p = te.reduce_axis((0, npat), name="pattern")
     j = te.reduce_axis((0, most), name=TAP_AXIS)
     k = te.reduce_axis((0, folds), name="fold")
@@ -567,9 +565,8 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
         spilled = _planes_spill(form, lanes, registers)
         chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
         waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
-        per_kernel = ((3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
-                      * (1 + SPILLED_PLANES_COST * spilled) * waits)
-        return live * per_kernel
+        return (live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
+                * (1 + SPILLED_PLANES_COST * spilled) * waits)
 
     return min(forms, key=cost)
 
