@@ -361,6 +361,14 @@ class UnalignedConvTimes:
 UBP_CONV_TIMES = {16: UnalignedConvTimes(0.30, 0.25, 0.45),  # Zen4 (AVX-512)
                   8: UnalignedConvTimes(0.30, 0.20, 0.55)}  # Zen3 (AVX2)
 ROWS_MARGIN = 0.9  # the rows form must be estimated this much faster to be taken
+ROTATED_MIN_LANES = 16
+"""SIMD-wide UBP blocks of a GEMM are stored rotated on vectors at least this wide, else
+on phase planes. A rotated block costs two masked FMAs and three vector loads (the
+values, two masks), a plane's block one FMA and one load, but each of the ``lanes``
+planes has its own tiles (their tap loops, exits and partial sums). On AVX-512 (16
+planes, Zen4, FC 1024->1000 in 16 x 1 blocks at 2/5/10x) rotated 0.068/0.018/0.0096 ms
+against planes 0.098/0.016/0.0092; on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread)
+planes 0.048/0.026/0.013 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
 
 
 def rows_form_pays(weight: np.ndarray, geometry: LayerGeometry, tile: int, lanes: int,
@@ -395,11 +403,12 @@ class UnalignedBlockKernel(RowsKernel):
     a block costs at most two vector FMAs per pixel where an aligned one costs one. Else
     (odd channel counts, depthwise, or where :func:`rows_form_pays`: short blocks at
     high rates on small maps) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
-    store each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``): at
-    batch 1 they are bound by their weights' bytes, which the two pieces would double.
-    Blocks shorter than the vector (a rotated vector would be mostly zeros) go to phase
-    planes of tiles of about their height (``pack_phases``): each block aligned in the
-    tiling shifted by its start row, one tap, then a sum over the planes. FC
+    each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``) on 16-lane
+    vectors: at batch 1 they are bound by their weights' bytes, which the two pieces
+    would double. Shorter blocks (a rotated vector would be mostly zeros), and
+    SIMD-wide ones on narrower vectors (:data:`ROTATED_MIN_LANES`), go to phase planes
+    of tiles of about their height (``pack_phases``): each block aligned in the tiling
+    shifted by its start row, one tap, then a sum over the planes. FC
     1024->1000 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
     blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
     0.157/-/0.081/0.032). SIMD-wide blocks stay rotated: on phase planes a tile holds a
@@ -437,13 +446,13 @@ class UnalignedBlockKernel(RowsKernel):
         tile = self._tile(geometry)
         if geometry.op == "matmul" and _target_family() in CPU_FAMILIES:
             rows = int(spec.block[0])
-            if rows >= tile:
+            if rows >= tile >= ROTATED_MIN_LANES:
                 self.name = "unaligned_rotated"
                 rotated = pack_rotated(weight, tile)
                 return Packed(rotated, int(np.count_nonzero(weight)) * pixels,
                               2 * rotated.blocks() * rotated.lanes * pixels)
             self.name = "unaligned_phases"
-            phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= rows))
+            phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
         if tile is None or rows_form_pays(weight, geometry, tile, _target_lanes(),

@@ -316,12 +316,13 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
 
 @pytest.mark.parametrize("target_name", ["host", "arm-cpu"])
 def test_unaligned_gemm_form_follows_block_height(target_name):
-    """A GEMM's SIMD-wide UBP blocks are stored rotated, one vector a block; shorter
-    blocks go to phase planes of tiles of about their own height (a rotated vector
-    would be mostly zeros)."""
+    """A GEMM's SIMD-wide UBP blocks are stored rotated, one vector a block, on 16-lane
+    vectors; shorter blocks (a rotated vector would be mostly zeros), and any on
+    narrower vectors, go to phase planes of tiles of about their own height."""
     from npas_tvm.schemes import make_mask
     from npas_tvm.targets import resolve_target
-    from relay_passes.sparse_kernels import LayerGeometry, UnalignedBlockKernel
+    from relay_passes.sparse_kernels import (ROTATED_MIN_LANES, LayerGeometry,
+                                             UnalignedBlockKernel)
 
     target = resolve_target(target_name)
     lanes = target.simd_lanes
@@ -330,15 +331,15 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
     geometry = LayerGeometry("matmul", "fc", weight.shape, (1, 48))
     kernel = UnalignedBlockKernel()
     with target.tvm_target:
-        for rows in (2, 4, lanes):
+        for rows in (2, 4, lanes, 2 * lanes):
             spec = UnalignedBlockSpec(rate=3, block=(rows, 1))
             packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
-            if rows >= lanes:
+            if rows >= lanes >= ROTATED_MIN_LANES:
                 assert kernel.name == "unaligned_rotated"
                 assert packed.arrays.lanes == lanes
             else:
                 assert kernel.name == "unaligned_phases"
-                assert packed.arrays.phases == max(rows, 4)
+                assert packed.arrays.phases == max(min(rows, lanes), 4)
 
 
 def test_unaligned_conv_form_follows_its_estimated_time():
