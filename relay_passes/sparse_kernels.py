@@ -367,8 +367,9 @@ on phase planes. A rotated block costs two masked FMAs and three vector loads (t
 values, two masks), a plane's block one FMA and one load, but each of the ``lanes``
 planes has its own tiles (their tap loops, exits and partial sums). On AVX-512 (16
 planes, Zen4, FC 1024->1000 in 16 x 1 blocks at 2/5/10x) rotated 0.068/0.018/0.0096 ms
-against planes 0.098/0.016/0.0092; on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread)
-planes 0.048/0.026/0.013 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
+against planes 0.098/0.016/0.0092 (measured before the planes' chains were summed at
+the tile); on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/0.026/0.013
+against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
 
 
 def rows_form_pays(weight: np.ndarray, geometry: LayerGeometry, tile: int, lanes: int,
@@ -411,9 +412,8 @@ class UnalignedBlockKernel(RowsKernel):
     shifted by its start row, one tap, then a sum over the planes. FC
     1024->1000 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
     blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
-    0.157/-/0.081/0.032). SIMD-wide blocks stay rotated: on phase planes a tile holds a
-    sixteenth of an aligned tile's blocks (16 x 1 at 2/5/10x: 0.098/0.016/0.0092 ms,
-    rotated 0.068/0.018/0.0096).
+    0.157/-/0.081/0.032). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
+    holds a sixteenth of an aligned tile's blocks (:data:`ROTATED_MIN_LANES`).
 
     A lane cannot move between vector registers inside an FMA, so with filters as the
     vector axis an unaligned block's 16 products land in two registers; with pixels as

@@ -21,8 +21,9 @@ aligned in the tiling shifted by ``s``, so the blocks of each phase ``s`` form a
 aligned block-sparse weight of their own, one tap per block in tiles of ``GR`` rows,
 and the output sums the planes at their shifts (:func:`phase_dense`). FC 1024->1000
 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms, aligned 0.092/0.050/0.027/
-0.013. With SIMD-wide blocks a plane's tile holds few blocks (a sixteenth of an
-aligned tile's), and the rotated form is as fast or faster.
+0.013. With SIMD-wide blocks a plane's tile holds few blocks (an eighth of an aligned
+tile's on AVX2, a sixteenth on AVX-512): the planes still win on 8 lanes, the rotated
+form was as fast or faster on 16 (``relay_passes.sparse_kernels.ROTATED_MIN_LANES``).
 
 Format (:func:`pack_rotated`): group ``k + 1`` holds the blocks starting in output
 group ``k`` (group 0 is empty, so every group has a predecessor): ``values [groups,
