@@ -451,13 +451,14 @@ def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
         sch.set_scope(planes, 0, "global")
         sch.set_scope(dense, 0, cfg.sparse_accumulator_scope)
         sch.reverse_compute_at(planes, outer)
-        loops = sch.get_loops(planes)[1:]  # (rows of the tile,) block, chains (if > 1)
-        if len(loops) > 1 and chains[0] > 1:
-            sch.reorder(loops[-1], loops[-2])
-            loops[-2], loops[-1] = loops[-1], loops[-2]
-        for loop in loops[:-1]:
+        *unrolled, o_planes = sch.get_loops(planes)[1:]  # rows of the tile, outputs
+        if chains[0] > 1:  # a chain loop last (one chain leaves none): outside the vector
+            *unrolled, o_planes, chain_loop = [*unrolled, o_planes]
+            sch.reorder(chain_loop, o_planes)
+            unrolled.append(chain_loop)
+        for loop in unrolled:
             sch.unroll(loop)
-        sch.vectorize(loops[-1])
+        sch.vectorize(o_planes)
         _vectorize_flat(sch, out, cfg.lanes)
     elif chain:  # the partial sums leave the tile; the epilogue adds them up on its own
         from tir_schedules.sparse_csr import unroll_tile

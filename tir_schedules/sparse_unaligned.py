@@ -41,7 +41,7 @@ import numpy as np
 
 from tir_schedules.sparse_conv import (DENSE_ROWS_BLOCK, PHASE_PLANES_BLOCK,
                                        SPARSE_DENSE_BLOCK, TAP_AXIS, GatheredWeights,
-                                       pack_gathered)
+                                       pack_gathered, sum_partials)
 
 
 @dataclass(frozen=True)
@@ -262,15 +262,9 @@ def phase_dense(data, values, columns, offsets, counts, out_features: int, chain
 
     partial = te.compute((n, tiles, chains, out_block), body, name=SPARSE_DENSE_BLOCK)
     u = te.reduce_axis((0, chains), name="chain")
-    planes = te.compute((n, tiles, out_block), lambda i, b, o: te.sum(partial[i, b, u, o],
-                                                                       axis=u),
+    planes = te.compute((n, tiles, 1, out_block),  # one chain: sum_partials reads it
+                        lambda i, b, _, o: te.sum(partial[i, b, u, o], axis=u),
                         name=PHASE_PLANES_BLOCK)
-
-    def plane_sum(i, m):
-        rows = [s * plane_rows + out_block + m - s for s in range(phases)]
-        total = planes[i, rows[0] // out_block, rows[0] % out_block]
-        for row in rows[1:]:
-            total = total + planes[i, row // out_block, row % out_block]
-        return total
-
-    return te.compute((n, out_features), plane_sum, name=DENSE_ROWS_BLOCK)
+    return te.compute((n, out_features), lambda i, m: sum_partials(
+        planes, i, [s * plane_rows + out_block + m - s for s in range(phases)], 1,
+        out_block), name=DENSE_ROWS_BLOCK)
