@@ -16,7 +16,7 @@ filters of a block of output channels keep the same input taps, so one packed fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -43,17 +43,22 @@ class LayerGeometry:
     def out_channels(self) -> int:
         return self.weight_shape[0]
 
-    def output_pixels(self) -> int:
-        """Output positions per weight use (conv: N*OH*OW; matmul: the rows of data)."""
-        if self.op == "matmul":
-            return int(np.prod(self.data_shape[:-1]))
-        n, _, h, w = self.data_shape
+    def output_size(self) -> tuple[int, int]:
+        """(OH, OW) of a conv."""
+        _, _, h, w = self.data_shape
         _, _, kh, kw = self.weight_shape
         oh = (h + self.padding[0] + self.padding[2] - (kh - 1) * self.dilation[0] - 1) \
             // self.strides[0] + 1
         ow = (w + self.padding[1] + self.padding[3] - (kw - 1) * self.dilation[1] - 1) \
             // self.strides[1] + 1
-        return n * oh * ow
+        return oh, ow
+
+    def output_pixels(self) -> int:
+        """Output positions per weight use (conv: N*OH*OW; matmul: the rows of data)."""
+        if self.op == "matmul":
+            return int(np.prod(self.data_shape[:-1]))
+        oh, ow = self.output_size()
+        return self.data_shape[0] * oh * ow
 
     def dense_macs(self) -> int:
         return int(np.prod(self.weight_shape)) * self.output_pixels()
@@ -66,6 +71,19 @@ class Packed:
     arrays: Any                 # the kernel's own packed object
     kept_macs: int              # multiply-adds of the nonzero weights, one inference
     computed_macs: int          # what the kernel executes (zeros it stores included)
+
+
+def packed_gathered(weight: np.ndarray, block: int, geometry: LayerGeometry,
+                    wrap: Callable[[Any], Any] | None = None) -> Packed:
+    """``weight`` in the gathered format with tiles of ``block`` filters (``wrap``
+    marks which form of a kernel it is for), with its kept and computed MACs."""
+    from tir_schedules.sparse_conv import pack_gathered
+
+    gathered = pack_gathered(weight, block, groups=geometry.groups)
+    pixels = geometry.output_pixels()
+    return Packed(gathered if wrap is None else wrap(gathered),
+                  int(np.count_nonzero(weight)) * pixels,
+                  gathered.kept_macs_per_pixel() * pixels)
 
 
 class SparseKernel:
@@ -142,13 +160,8 @@ class GatheredKernel(SparseKernel):
         return None
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        from tir_schedules.sparse_conv import pack_gathered
-
-        gathered = pack_gathered(weight, self.output_block(spec), groups=geometry.groups)
-        pixels = geometry.output_pixels()
         # the scheduled kernel stops each block at its own tap count
-        return Packed(gathered, int(np.count_nonzero(weight)) * pixels,
-                      gathered.kept_macs_per_pixel() * pixels)
+        return packed_gathered(weight, self.output_block(spec), geometry)
 
     @staticmethod
     def _constants(packed: Packed):
@@ -182,7 +195,6 @@ class GatheredKernel(SparseKernel):
 
 GATHERED = GatheredKernel()
 register_sparse_kernel("block_punched", GATHERED, ALL_FAMILIES)
-register_sparse_kernel("block_based", GATHERED, ALL_FAMILIES)
 
 
 def _target_lanes() -> int:
@@ -311,56 +323,98 @@ class RowsKernel(PixelKernel):
         # row tiles 1.6-1.8x at 5x (1x1 96->576, 320->1280)
         self.relative_speed = 0.25 if self.candidates == (1,) else 0.35
 
+    @staticmethod
+    def _row_tile(geometry: LayerGeometry, rows: int):
+        """The register tile of ``rows`` filter rows on the current target, or None."""
+        from tir_schedules.sparse_csr import choose_row_tile
+
+        lanes = _target_lanes()
+        return choose_row_tile(*geometry.output_size(), rows, lanes, _target_registers(lanes))
+
     def _rows(self, weight: np.ndarray, geometry: LayerGeometry) -> int:
-        from tir_schedules.sparse_csr import choose_rows, straddle_entries
+        from tir_schedules.sparse_csr import choose_rows, row_tile_cost, straddle_entries
 
         if geometry.op == "matmul":  # bound by weight bytes: an index + R weights per tap
             return min(self.candidates, key=lambda r: (straddle_entries(weight, r) * (1 + r), r))
-        return choose_rows(weight, self.candidates, geometry.groups)
+
+        def per_tap(rows: int) -> float | None:
+            tile = self._row_tile(geometry, rows)
+            return None if tile is None else row_tile_cost(tile, rows)
+
+        return choose_rows(weight, self.candidates, geometry.groups, per_tap)
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        from tir_schedules.sparse_conv import pack_gathered
-
-        packed = pack_gathered(weight, self._rows(weight, geometry), groups=geometry.groups)
-        pixels = geometry.output_pixels()
-        return Packed(packed, int(np.count_nonzero(weight)) * pixels,
-                      packed.kept_macs_per_pixel() * pixels)
+        return packed_gathered(weight, self._rows(weight, geometry), geometry)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
-        from tir_schedules.sparse_csr import rows_conv2d
+        from relay_passes.layout import channel_block
+        from tir_schedules.sparse_csr import rows_conv2d, tiled_rows_conv2d
 
-        tile, block = self._choose(geometry, packed.arrays.block)
-        return bb.call_te(rows_conv2d, data, *GatheredKernel._constants(packed),
-                          list(geometry.strides), list(geometry.padding),
-                          list(geometry.dilation), geometry.out_channels,
-                          list(geometry.weight_shape[2:]), tile, block,
+        rows = packed.arrays.block
+        args = [data, *GatheredKernel._constants(packed), list(geometry.strides),
+                list(geometry.padding), list(geometry.dilation), geometry.out_channels,
+                list(geometry.weight_shape[2:])]
+        if rows == 1:  # CSR: the flat form (see rows_conv2d)
+            tile, block = self._choose(geometry, 1)
+            return bb.call_te(rows_conv2d, *args, tile, block,
+                              primfunc_name_hint="sparse_rows_conv2d")
+        tile = self._row_tile(geometry, rows)
+        if tile is None:
+            raise ValueError(f"no register tile holds {rows} filter rows")
+        self._block = channel_block(geometry.out_channels, _target_lanes()) or 1
+        fields = [tile.quantum, tile.height, tile.width, *tile.padded]  # call_te: no objects
+        return bb.call_te(tiled_rows_conv2d, *args, fields, self._block,
                           primfunc_name_hint="sparse_rows_conv2d")
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         return GATHERED.matmul(bb, data, packed, geometry)
 
 
+class BlockBasedKernel(GatheredKernel):
+    """Block-based pruning (``block_based``): the gathered kernel, except for convs on
+    CPUs whose blocks are shorter than the SIMD vector: there the gathered kernel's
+    vector is the block's height (4 of 8 or 16 lanes for 4 x 1 blocks), and the
+    register tiles of :class:`RowsKernel` with ``R`` = the block's rows (vectorized
+    along output pixels, aligned tiles: no block straddles two) use whole vectors.
+    Measured (4 x 1 blocks, 1 thread, Zen3): 1x1 96->576 @14 at 3x 0.161 ms against
+    0.290, at 10x 0.084 against 0.113; 320->1280 @7 at 5x 0.165 against 0.329. SIMD-wide
+    blocks stay gathered (8 x 1 at 5x on 96->576 @14: 0.103 against 0.117)."""
+
+    def __init__(self):
+        self.rows = RowsKernel("block_rows", (1,))
+        self.name = "gathered"
+
+    def _rows_form(self, geometry: LayerGeometry, spec: SchemeSpec) -> bool:
+        rows = int(spec.block[0])
+        return (geometry.op == "conv2d" and _target_family() in CPU_FAMILIES
+                and 2 <= rows < _target_lanes() and geometry.kind != DEPTHWISE
+                and self.rows._row_tile(geometry, rows) is not None)
+
+    def output_block(self, spec: SchemeSpec) -> int:
+        return self.rows.output_block(spec) if self.name == self.rows.name \
+            else super().output_block(spec)
+
+    def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
+        if not self._rows_form(geometry, spec):
+            self.name = "gathered"
+            return super().pack(weight, spec, geometry)
+        self.name = self.rows.name
+        return packed_gathered(weight, int(spec.block[0]), geometry, _RowTilesForm)
+
+    def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        if not isinstance(packed.arrays, _RowTilesForm):
+            return super().conv2d(bb, data, in_block, packed, geometry)
+        inner = Packed(packed.arrays.arrays, packed.kept_macs, packed.computed_macs)
+        return self.rows.conv2d(bb, data, in_block, inner, geometry)
+
+
 @dataclass(frozen=True)
-class UnalignedConvTimes:
-    """The UBP conv forms' time model on one SIMD width, in ns (1 thread)."""
+class _RowTilesForm:
+    """A block-based conv packed for the row tiles (see :class:`BlockBasedKernel`)."""
 
-    gathered_fma_ns: float  # the gathered kernel, per stored tap and output pixel
-    rows_unit_ns: float  # the rows form, per unit of choose_rows' cost and pixel vector
-    rows_copy_ns: float  # the rows form's layout copies, per input and output element
+    arrays: Any
 
 
-# Fitted to UBP 4 x 1 on 1x1 96->576 @14 and 320->1280 @7 at 2/3/5/10x: on Zen4 to the
-# times, on Zen3 (a linear fit there is off by up to 30%) to the faster form at each
-# point: the rows form from 3x on 320->1280 @7 (0.55 / 0.27 / 0.15 ms against pieces
-# 0.62 / 0.36 / 0.21 at 3/5/10x; 0.85 against 0.68 at 2x), never on 96->576 @14. The
-# pieces cost about the same per tap on both (a 16-lane FMA on Zen4's 256-bit units,
-# an 8-lane one on Zen3); the rows form's copies cost more per element on 8 lanes.
-# Narrower SIMD (NEON, OpenCL) takes the 8-lane figures. SIMD-wide blocks straddle
-# tiles nearly always, and their pieces cost more per tap than these (8 x 1 on Zen3,
-# 320->1280 @7 at 10x: 0.18 ms, estimated 0.14; the rows form 0.15): not modelled.
-UBP_CONV_TIMES = {16: UnalignedConvTimes(0.30, 0.25, 0.45),  # Zen4 (AVX-512)
-                  8: UnalignedConvTimes(0.30, 0.20, 0.55)}  # Zen3 (AVX2)
-ROWS_MARGIN = 0.9  # the rows form must be estimated this much faster to be taken
 ROTATED_MIN_LANES = 16
 """SIMD-wide UBP blocks of a GEMM are stored rotated on vectors at least this wide, else
 on phase planes. A rotated block costs two masked FMAs and three vector loads (the
@@ -372,38 +426,17 @@ the tile); on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/0.026/0
 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
 
 
-def rows_form_pays(weight: np.ndarray, geometry: LayerGeometry, tile: int, lanes: int,
-                   candidates: Sequence[int]) -> bool:
-    """Whether an unaligned-block conv runs faster vectorized along pixels (the rows
-    form, :class:`RowsKernel`) than as pieces of the gathered kernel in tiles of
-    ``tile`` filters. The pieces cost one FMA per stored tap and pixel, their taps
-    the union of kept columns over each tile (blocks straddling two tiles count in
-    both); the rows form wastes no lane on a block's offset but transposes its input
-    and output between the blocked layout and channel planes, a fixed cost per element
-    that large maps and low rates do not repay (:data:`UBP_CONV_TIMES`). Measured (4 x 1
-    blocks, 1 thread): 1x1 320->1280 @7 at 10x, rows 0.105 ms against pieces 0.150 on
-    Zen4, 0.150 against 0.208 on Zen3; 96->576 @14 at 10x, rows 0.084-0.113 against
-    0.082 on Zen4, 0.145 against 0.109 on Zen3."""
-    from tir_schedules.sparse_csr import choose_rows, straddle_entries
-
-    times = UBP_CONV_TIMES[16 if lanes >= 16 else 8]
-    pixels = geometry.output_pixels()
-    gathered = times.gathered_fma_ns * straddle_entries(weight, tile) * pixels
-    rows = choose_rows(weight, candidates, geometry.groups)
-    vectors = -(-pixels // lanes)
-    copies = (geometry.data_shape[1] + geometry.out_channels) * pixels
-    estimate = (times.rows_unit_ns * straddle_entries(weight, rows) * (rows + 1 + rows / 4)
-                * vectors + times.rows_copy_ns * copies)
-    return estimate < ROWS_MARGIN * gathered
-
-
 class UnalignedBlockKernel(RowsKernel):
-    """Unaligned blocks (UBP). Where the output channels split into SIMD-wide tiles, a
-    block is cut where it crosses a tile boundary and each piece becomes a tap of the
-    gathered kernel (vectorized along the tile's filters, :class:`GatheredKernel`):
-    a block costs at most two vector FMAs per pixel where an aligned one costs one. Else
-    (odd channel counts, depthwise, or where :func:`rows_form_pays`: short blocks at
-    high rates on small maps) the row tiles of :class:`RowsKernel`. GEMMs on CPUs
+    """Unaligned blocks (UBP). Convs on CPUs run the register tiles of
+    :class:`RowsKernel` (vectorized along output pixels, ``R`` filter rows a tile):
+    with pixels as the vector axis every weight is a broadcast, so a block's offset
+    wastes no lane; a block straddling two tiles stores a tap in each. With filters as
+    the vector axis (the gathered kernel, which OpenCL keeps where the output channels
+    split into tiles of its vector) a lane cannot move between registers inside an FMA,
+    and a block crossing a tile boundary is two pieces, two FMAs per pixel. Measured
+    (1 thread, Zen3), register tiles against pieces: 1x1 96->576 @14 in 4 x 1 blocks at
+    3x 0.21 against 0.35 ms, at 10x 0.073 against 0.095; 8 x 1 at 5x 0.120 against 0.130;
+    24->144 @56 at 2x 0.35 against 0.42. GEMMs on CPUs
     each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``) on 16-lane
     vectors: at batch 1 they are bound by their weights' bytes, which the two pieces
     would double. Shorter blocks (a rotated vector would be mostly zeros), and
@@ -414,18 +447,10 @@ class UnalignedBlockKernel(RowsKernel):
     blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
     0.157/-/0.081/0.032). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
     holds a sixteenth of an aligned tile's blocks (:data:`ROTATED_MIN_LANES`).
-
-    A lane cannot move between vector registers inside an FMA, so with filters as the
-    vector axis an unaligned block's 16 products land in two registers; with pixels as
-    the vector axis (the rows form) every weight is a broadcast and the ``[C, pixels]``
-    accumulators need a transpose into the blocked layout. Measured at 5x (16 x 1
-    blocks, 1 thread): 1x1 96->576 @14 0.063 ms (aligned 0.034, rows form 0.083);
-    320->1280 @7 0.118 ms (aligned 0.071, rows 0.176); FC 1024->1000 0.031 ms
-    (aligned 0.012, rows 0.060).
     """
 
     def __init__(self):
-        super().__init__("unaligned_rows", (1, 2, 4, 8))
+        super().__init__("unaligned_rows", (2, 4, 8))
         self.relative_speed = 0.45
 
     @staticmethod
@@ -434,12 +459,12 @@ class UnalignedBlockKernel(RowsKernel):
         lanes = _target_lanes()
         if geometry.op == "matmul":
             return lanes
-        if geometry.kind == DEPTHWISE or (geometry.out_channels // geometry.groups) % lanes:
+        if (_target_family() in CPU_FAMILIES or geometry.kind == DEPTHWISE
+                or (geometry.out_channels // geometry.groups) % lanes):
             return None
         return lanes
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        from tir_schedules.sparse_conv import pack_gathered
         from tir_schedules.sparse_unaligned import pack_phases, pack_rotated
 
         pixels = geometry.output_pixels()
@@ -455,14 +480,11 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
-        if tile is None or rows_form_pays(weight, geometry, tile, _target_lanes(),
-                                          self.candidates):
+        if tile is None:
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
-        gathered = pack_gathered(weight, tile, groups=geometry.groups)
         self.name = "unaligned_gathered"
-        return Packed(_GatheredForm(gathered), int(np.count_nonzero(weight)) * pixels,
-                      gathered.kept_macs_per_pixel() * pixels)
+        return packed_gathered(weight, tile, geometry, _GatheredForm)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         if not isinstance(packed.arrays, _GatheredForm):
@@ -506,6 +528,7 @@ class _GatheredForm:
     arrays: Any
 
 
+register_sparse_kernel("block_based", BlockBasedKernel(), ALL_FAMILIES)
 register_sparse_kernel("pattern", PatternKernel(), ALL_FAMILIES)
 register_sparse_kernel("unstructured", RowsKernel("csr", (1,)), ALL_FAMILIES)
 register_sparse_kernel("unaligned_block", UnalignedBlockKernel(), ALL_FAMILIES)

@@ -24,13 +24,21 @@ inputs, so a tile of ``T`` pixels is ``T / lanes`` plain vector loads per tap (t
 tile's reads in bounds). Other strides index ``(q // OW, q % OW)`` (gathers). The
 accumulated ``[N, rows, Q]`` is written to the ``NCHW{c}c`` output by a last stage
 (where the fused epilogue runs), so neighbours keep their blocked layout.
+
+Register tiles (:func:`tiled_rows_conv2d`, ``R >= 2``: UBP, and aligned blocks shorter
+than the vector). A tile is ``R`` filters by a few output rows of whole pixel vectors
+(:func:`choose_row_tile`), the output padded to whole tiles; the output stage runs at
+the tile and reads its accumulators from registers, ``R`` filters' pixel vectors
+transposed by shuffles into the pixels' channel vectors of the blocked layout. The
+flat form's ``[N, rows, Q]`` buffer and copy cost as much as the kernel at high rates
+(1x1 96->576 @14, UBP 4 x 1 at 10x: 0.140 ms against 0.072 on Zen3).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -44,6 +52,7 @@ ROWS_OFFSET_BLOCK = "npas_rows_offsets"
 OUTPUT_RUN = 8  # output pixels per unrolled run of the blocked output's copy
 PIXEL_OUT_BLOCK = "npas_pixel_out"
 TILE_ATTR = "npas_pixel_tile"
+ROW_TILE_ATTR = "npas_row_tile"  # tiled_rows_conv2d's (quantum, height, width)
 PIXEL_QUANTUM = 16  # output pixels are padded to multiples of the tile, itself of this
 
 
@@ -227,6 +236,78 @@ def blocked_output(acc_at, n: int, grid: PixelGrid | None, out_channels: int, ou
                       name=PIXEL_OUT_BLOCK)
 
 
+# Per stored tap, in FMAs of one pixel vector: its input vector's load (from L2 on the
+# measured layers) and its index, weights and loop. Fitted to UBP 4 x 1 on 1x1 96->576
+# @14 (Zen3, 1 thread) over tiles of 1, 2 and 4 rows with 2 to 14 pixel vectors.
+ROWS_LOAD_COST = 6.0  # per tap and pixel vector
+ROWS_TAP_COST = 9.0  # per tap and tile, plus one per row (its broadcast)
+
+
+@dataclass(frozen=True)
+class RowTile:
+    """The row-sparse kernel's register tile: ``height`` output rows by ``width``
+    columns of one tile of ``R`` filters, columns in vectors of ``quantum`` lanes. The
+    accumulators cover the output padded to ``padded`` (rows, columns), whole tiles."""
+
+    quantum: int
+    height: int
+    width: int
+    padded: tuple[int, int]
+
+    @property
+    def vectors(self) -> int:
+        """Pixel vectors per filter row of the tile."""
+        return self.height * self.width // self.quantum
+
+    def computed_vectors(self) -> int:
+        """Pixel vectors per filter row over the padded output."""
+        return self.padded[0] * self.padded[1] // self.quantum
+
+
+ROW_WASTE = 1.15  # a row padded to whole vectors computes at most this much more
+
+
+def row_quantum(out_w: int, lanes: int) -> int:
+    """Pixel vector width for rows of ``out_w`` columns: the widest of ``lanes``,
+    ``lanes / 2``, ... (at least 4) whose padding wastes at most :data:`ROW_WASTE`
+    (a 7-wide map on 16 lanes takes 8), else the narrowest."""
+    quantum = lanes
+    while quantum > 4 and -(-out_w // quantum) * quantum > ROW_WASTE * out_w:
+        quantum //= 2
+    return max(min(quantum, lanes), 1)
+
+
+def row_tile_cost(tile: RowTile, rows: int) -> float:
+    """Estimated time of one stored tap over the whole output, in FMAs of a pixel
+    vector (:data:`ROWS_LOAD_COST`, :data:`ROWS_TAP_COST`)."""
+    per_vector = ROWS_LOAD_COST + rows + (ROWS_TAP_COST + rows) / tile.vectors
+    return tile.computed_vectors() * per_vector
+
+
+def choose_row_tile(out_h: int, out_w: int, rows: int, lanes: int,
+                    registers: int) -> RowTile | None:
+    """The register tile of :func:`rows_conv2d` for ``rows`` filter rows with the least
+    estimated time (:func:`row_tile_cost`: more pixel vectors per tap, less padding)
+    whose ``rows x vectors`` accumulators, plus the broadcasts or input vectors of a
+    tap (the fewer) and one more, fit the ``registers``; None if none does. The output
+    is padded to whole tiles: the kernel computes the padding (a guard in the tap loop
+    would cost more) and the write-back skips it."""
+    quantum = row_quantum(out_w, lanes)
+    row = -(-out_w // quantum) * quantum
+    best, best_cost = None, math.inf
+    for height in range(1, out_h + 1):
+        for width in range(quantum, row + 1, quantum):
+            vectors = height * width // quantum
+            if rows * vectors + min(rows, vectors) + 1 > registers:
+                continue
+            padded = (-(-out_h // height) * height, -(-row // width) * width)
+            tile = RowTile(quantum, height, width, padded)
+            cost = row_tile_cost(tile, rows)
+            if cost < best_cost - 1e-9:
+                best, best_cost = tile, cost
+    return best
+
+
 def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], out_channels: int, kernel_size: Sequence[int],
                 pixel_tile: int, out_block: int):
@@ -235,7 +316,12 @@ def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Seq
     ``values [tiles, taps, R]``, ``taps [tiles, taps, 3]`` and ``counts [tiles]`` are
     :class:`~.sparse_conv.GatheredWeights` arrays packed with ``block = R`` (any ``R``;
     the last tile may be ragged). ``pixel_tile`` (a multiple of 16) pads the flat
-    output grid; the schedule's register tile is this many pixels.
+    output grid; the schedule's register tile is this many pixels, written to a
+    ``[N, tiles, R, pixels]`` buffer that a last stage copies into the blocked output.
+    This is the CSR form (``R = 1``): a tile of one filter has no channel vector to
+    write, and the copy (vector stores, then one scalar move per element) beat writing
+    each element from registers (:func:`tiled_rows_conv2d`) by 6-7% on 1x1 96->576 @14
+    and 8-16% on 3x3 128->128 @28 (unstructured 3x / 10x, Zen3, 1 thread).
     """
     from tvm import te
 
@@ -260,6 +346,55 @@ def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Seq
                           out_channels, out_block)
 
 
+def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], out_channels: int,
+                      kernel_size: Sequence[int], tile: RowTile | Sequence[int],
+                      out_block: int):
+    """Row-sparse convolution in register tiles, ``NCHW{ib}c`` in, ``NCHW{out_block}c``
+    out; the arrays as for :func:`rows_conv2d`. ``tile`` (a :class:`RowTile`, or its fields with
+    ``padded`` flattened) is the register tile: the accumulators are ``[N, tiles, R,
+    *tile.padded]`` and the
+    output stage reads them per tile, so the schedule writes each tile from registers
+    into the blocked output (:func:`schedule_rows_conv2d`).
+    """
+    from tvm import te
+
+    if not isinstance(tile, RowTile):
+        quantum, height, width, padded_h, padded_w = (int(v) for v in tile)
+        tile = RowTile(quantum, height, width, (padded_h, padded_w))
+    n = int(data.shape[0])
+    tiles, max_taps, rows = (int(v) for v in values.shape)
+    if not (tiles - 1) * rows < out_channels <= tiles * rows:
+        raise ValueError(f"{out_channels} output channels do not fit {tiles} tiles of {rows}")
+    if out_channels % out_block:
+        raise ValueError(f"{out_channels} output channels are not a multiple of the "
+                         f"output block {out_block}")
+    grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, tile.quantum)
+    out_h, out_w = grid.out_size
+    padded_h, padded_w = tile.padded
+    if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
+            or padded_w % tile.width or tile.width % tile.quantum):
+        raise ValueError(f"{tile} does not tile a {out_h} x {out_w} output")
+    (sh, sw), pitch = grid.strides, grid.padded[1]
+    kh, kw = grid.kernel
+    reach = (grid.tap_offset(grid.channels - 1, kh - 1, kw - 1)
+             + (padded_h - 1) * sh * pitch + (padded_w - 1) * sw + 1)
+    flat = flat_input(data, grid, extent=reach)
+    offsets = te.compute((tiles, max_taps), lambda r, t: grid.tap_offset(
+        taps[r, t, 0], taps[r, t, 1], taps[r, t, 2]), name=ROWS_OFFSET_BLOCK)
+    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
+    acc = te.compute(
+        (n, tiles, rows, padded_h, padded_w),
+        lambda b, r, i, oh, x: te.sum(te.if_then_else(
+            t < counts[r], values[r, t, i] * flat[b, offsets[r, t] + oh * (sh * pitch)
+                                                  + x * sw], 0.0), axis=t),
+        name=ROWS_CONV_BLOCK, attrs={ROW_TILE_ATTR: [tile.quantum, tile.height, tile.width]})
+    return te.compute((n, out_channels // out_block, out_h, out_w, out_block),
+                      lambda b, co, oh, ow, ci: acc[b, (co * out_block + ci) // rows,
+                                                    (co * out_block + ci) % rows, oh, ow],
+                      name=PIXEL_OUT_BLOCK)
+
+
 def straddle_entries(weight: np.ndarray, rows: int) -> int:
     """Taps the packed format stores (before padding) with tiles of ``rows`` rows."""
     matrix = weight.reshape(weight.shape[0], -1) != 0
@@ -270,19 +405,26 @@ def straddle_entries(weight: np.ndarray, rows: int) -> int:
 
 
 def choose_rows(weight: np.ndarray, candidates: Sequence[int] = (1, 2, 4, 8),
-                groups: int = 1) -> int:
-    """Rows per tile minimizing the estimated time of a pixel vector: per stored tap
-    ``R`` FMAs, one input vector and ``R`` weight broadcasts over a few vectors."""
+                groups: int = 1, per_tap: Callable[[int], float | None] | None = None) -> int:
+    """Rows per tile ``R`` minimizing the estimated time: the taps the format stores
+    with ``R`` rows (a block straddling two tiles stores a tap in each) times
+    ``per_tap(R)``, a tap's time (None: no register tile holds ``R`` rows; default:
+    ``R`` FMAs, an input load and a quarter of the tap's index and broadcasts per
+    pixel vector)."""
     filters = weight.shape[0]
     per_group = filters // max(groups, 1)
-    best, best_cost = 1, math.inf
+    best, best_cost = None, math.inf
     for rows in candidates:
         if groups > 1 and per_group % rows:
             continue
-        cost = straddle_entries(weight, rows) * (rows + 1 + rows / 4)
+        tap = (ROWS_LOAD_COST + rows + (ROWS_TAP_COST + rows) / 4) if per_tap is None \
+            else per_tap(rows)
+        if tap is None:
+            continue
+        cost = straddle_entries(weight, rows) * tap
         if cost < best_cost - 1e-9:
             best, best_cost = rows, cost
-    return best
+    return 1 if best is None else best
 
 
 # --- schedules --------------------------------------------------------------------------
@@ -310,12 +452,7 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
     gathers cheap, as for Zen4, whose gathers are slow (1x1 96->576 @14, CSR at 10x:
     0.096 -> 0.087 ms on a Zen4 EPYC)."""
     _schedule_padding_copy(sch, cfg, work)
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    names = [sch.get(b).name_hint for b in blocks]
-    after = blocks[names.index(sch.get(main).name_hint) + 1:]
-    for block in after[:-1]:
-        sch.compute_inline(block)
-    last = after[-1]
+    last = _inline_epilogue(sch, main)
     loops = sch.get_loops(last)
     extents = loop_extents(sch, last)
     outer = sch.fuse(*loops[:3]) if len(loops) >= 5 else loops[0]
@@ -328,6 +465,16 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
         sch.unroll(lane)  # else LLVM may vectorize it into gathers (it does for znver4)
     if work >= cfg.parallel_min_flops:
         sch.parallel(outer)
+
+
+def _inline_epilogue(sch, main):
+    """Every stage after ``main`` inlined into the last, which is returned."""
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(main).name_hint) + 1:]
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    return after[-1]
 
 
 def _schedule_padding_copy(sch, cfg: CpuScheduleConfig, work: int) -> None:
@@ -396,10 +543,13 @@ def tile_pixels(sch, main, cfg: CpuScheduleConfig, work: int, spatial, reduction
 
 
 def schedule_rows_conv2d(sch, cfg: CpuScheduleConfig) -> None:
-    """Parallel over (image, pixel tile, row tile) -> taps of the tile (bounded by its
-    count) -> the tile's rows (unrolled) -> pixel vectors (unrolled) -> lanes (vector);
-    accumulators in a small stack buffer at the row tile."""
+    """Either form of the row-sparse conv (:func:`rows_conv2d`: parallel over (image,
+    pixel tile, row tile) -> taps -> rows -> pixel vectors -> lanes, accumulators in a
+    small stack buffer at the tile; :func:`tiled_rows_conv2d`: :func:`_schedule_row_tiles`)."""
     main = find_block(sch, ROWS_CONV_BLOCK)
+    if ROW_TILE_ATTR in sch.get(main).annotations:
+        _schedule_row_tiles(sch, cfg)
+        return
     offsets = find_block(sch, ROWS_OFFSET_BLOCK)
     b, r, i, q, tap = sch.get_loops(main)
     _, tiles, rows, pixels, max_taps = loop_extents(sch, main)
@@ -407,3 +557,43 @@ def schedule_rows_conv2d(sch, cfg: CpuScheduleConfig) -> None:
     schedule_pixel_stages(sch, main, cfg, work)
     sch.fuse(*sch.get_loops(offsets))
     tile_pixels(sch, main, cfg, work, (b, r, q), [tap], [i], [i])
+
+
+def _schedule_row_tiles(sch, cfg: CpuScheduleConfig) -> None:
+    """Parallel over (image, tile rows, tile columns, filter tile) -> taps of the tile
+    (bounded by its count) -> the tile's filters, rows and pixel vectors (unrolled) ->
+    lanes (vector); the output stage (with the epilogue) at the tile, so the
+    accumulators go from registers to the blocked output.
+
+    That write-back transposes ``R`` filters' pixel vectors into pixels' channel
+    vectors, which LLVM does in registers (unpack and insert shuffles). Through a
+    ``[N, C, pixels]`` buffer and a copy it cost more than the kernel at high rates:
+    1x1 96->576 @14, UBP 4 x 1 at 10x (Zen3, 1 thread), 0.140 ms against 0.072."""
+    main = find_block(sch, ROWS_CONV_BLOCK)
+    offsets = find_block(sch, ROWS_OFFSET_BLOCK)
+    b, r, i, oh, x, tap = sch.get_loops(main)
+    _, tiles, rows, out_h, width, max_taps = loop_extents(sch, main)
+    quantum, height, tile_width = (int(v) for v in sch.get(main).annotations[ROW_TILE_ATTR])
+    work = 2 * tiles * rows * out_h * width * max_taps
+    _schedule_padding_copy(sch, cfg, work)
+    last = _inline_epilogue(sch, main)
+    sch.fuse(*sch.get_loops(offsets))
+    oh_o, oh_i = sch.split(oh, [None, height])
+    x_o, x_v, x_l = sch.split(x, [None, tile_width // quantum, quantum])
+    order = [b, r, oh_o, x_o] if cfg.sparse_parallel == "blocks" else [b, oh_o, x_o, r]
+    vectors = height * tile_width // quantum
+    # the fewer of the tap's broadcasts and input vectors stay live across the other
+    inner = [oh_i, x_v, i] if rows <= vectors else [i, oh_i, x_v]
+    sch.reorder(*order, tap, *inner, x_l)
+    outer = sch.fuse(*order)
+    sch.reverse_compute_at(last, outer)
+    written = sch.get_loops(last)[1:]  # the tile's (channel block, row, column, lane)
+    for loop in written[:-1]:
+        sch.unroll(loop)
+    sch.vectorize(written[-1])
+    for loop in (i, oh_i, x_v):
+        sch.unroll(loop)
+    sch.vectorize(x_l)
+    if work >= cfg.parallel_min_flops:
+        sch.parallel(outer)
+    sch.decompose_reduction(main, tap)  # after parallel, which refuses a split reduction
