@@ -147,7 +147,10 @@ class GatheredKernel(SparseKernel):
         return int(spec.block[0])
 
     def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
-        block = self.output_block(spec)
+        return self._unsupported_for_block(geometry, self.output_block(spec))
+
+    @staticmethod
+    def _unsupported_for_block(geometry: LayerGeometry, block: int) -> str | None:
         if geometry.op == "matmul":
             return None
         if geometry.kind == DEPTHWISE:
@@ -383,6 +386,7 @@ class BlockBasedKernel(GatheredKernel):
     def __init__(self):
         self.rows = RowsKernel("block_rows", (1,))
         self.name = "gathered"
+        self._emitted_rows = False  # the form of the last conv emitted (output_block)
 
     def _rows_form(self, geometry: LayerGeometry, spec: SchemeSpec) -> bool:
         rows = int(spec.block[0])
@@ -390,9 +394,14 @@ class BlockBasedKernel(GatheredKernel):
                 and 2 <= rows < _target_lanes() and geometry.kind != DEPTHWISE
                 and self.rows._row_tile(geometry, rows) is not None)
 
+    def unsupported(self, geometry: LayerGeometry, spec: SchemeSpec) -> str | None:
+        if self._rows_form(geometry, spec):
+            return None
+        return self._unsupported_for_block(geometry, int(spec.block[0]))
+
     def output_block(self, spec: SchemeSpec) -> int:
-        return self.rows.output_block(spec) if self.name == self.rows.name \
-            else super().output_block(spec)
+        """The block of the conv just emitted (the lowering asks right after it)."""
+        return self.rows.output_block(spec) if self._emitted_rows else int(spec.block[0])
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
         if not self._rows_form(geometry, spec):
@@ -402,7 +411,8 @@ class BlockBasedKernel(GatheredKernel):
         return packed_gathered(weight, int(spec.block[0]), geometry, _RowTilesForm)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
-        if not isinstance(packed.arrays, _RowTilesForm):
+        self._emitted_rows = isinstance(packed.arrays, _RowTilesForm)
+        if not self._emitted_rows:
             return super().conv2d(bb, data, in_block, packed, geometry)
         inner = Packed(packed.arrays.arrays, packed.kept_macs, packed.computed_macs)
         return self.rows.conv2d(bb, data, in_block, inner, geometry)
