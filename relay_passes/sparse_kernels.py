@@ -404,9 +404,9 @@ class BlockBasedKernel(GatheredKernel):
         return self.rows.output_block(spec) if self._emitted_rows else int(spec.block[0])
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        if not self._rows_form(geometry, spec):
+        if not self._rows_form(geometry, spec):  # not output_block: the last conv's
             self.name = "gathered"
-            return super().pack(weight, spec, geometry)
+            return packed_gathered(weight, int(spec.block[0]), geometry)
         self.name = self.rows.name
         return packed_gathered(weight, int(spec.block[0]), geometry, _RowTilesForm)
 
