@@ -86,6 +86,18 @@ def packed_gathered(weight: np.ndarray, block: int, geometry: LayerGeometry,
                   gathered.kept_macs_per_pixel() * pixels)
 
 
+@dataclass(frozen=True)
+class _OtherForm:
+    """Arrays packed for another kernel's form than the scheme's own (UBP's gathered
+    pieces, short aligned blocks' row tiles): the scheme's ``conv2d`` hands them on."""
+
+    arrays: Any
+
+    @staticmethod
+    def unwrapped(packed: Packed) -> Packed:
+        return Packed(packed.arrays.arrays, packed.kept_macs, packed.computed_macs)
+
+
 class SparseKernel:
     """The interface of a sparse kernel for one or more schemes (subclass it).
 
@@ -408,21 +420,13 @@ class BlockBasedKernel(GatheredKernel):
             self.name = "gathered"
             return packed_gathered(weight, int(spec.block[0]), geometry)
         self.name = self.rows.name
-        return packed_gathered(weight, int(spec.block[0]), geometry, _RowTilesForm)
+        return packed_gathered(weight, int(spec.block[0]), geometry, _OtherForm)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
-        self._emitted_rows = isinstance(packed.arrays, _RowTilesForm)
+        self._emitted_rows = isinstance(packed.arrays, _OtherForm)
         if not self._emitted_rows:
             return super().conv2d(bb, data, in_block, packed, geometry)
-        inner = Packed(packed.arrays.arrays, packed.kept_macs, packed.computed_macs)
-        return self.rows.conv2d(bb, data, in_block, inner, geometry)
-
-
-@dataclass(frozen=True)
-class _RowTilesForm:
-    """A block-based conv packed for the row tiles (see :class:`BlockBasedKernel`)."""
-
-    arrays: Any
+        return self.rows.conv2d(bb, data, in_block, _OtherForm.unwrapped(packed), geometry)
 
 
 ROTATED_MIN_LANES = 16
@@ -494,12 +498,12 @@ class UnalignedBlockKernel(RowsKernel):
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
         self.name = "unaligned_gathered"
-        return packed_gathered(weight, tile, geometry, _GatheredForm)
+        return packed_gathered(weight, tile, geometry, _OtherForm)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
-        if not isinstance(packed.arrays, _GatheredForm):
+        if not isinstance(packed.arrays, _OtherForm):
             return super().conv2d(bb, data, in_block, packed, geometry)
-        inner = Packed(packed.arrays.arrays, packed.kept_macs, packed.computed_macs)
+        inner = _OtherForm.unwrapped(packed)
         self._block = inner.arrays.block
         return GATHERED.conv2d(bb, data, in_block, inner, geometry)
 
@@ -525,17 +529,9 @@ class UnalignedBlockKernel(RowsKernel):
                                                   lane_masks(rotated.lanes))]
             return bb.call_te(unaligned_dense, data, *constants, geometry.out_channels,
                               primfunc_name_hint="sparse_dense")
-        arrays = packed.arrays.arrays if isinstance(packed.arrays, _GatheredForm) \
-            else packed.arrays
-        return GATHERED.matmul(bb, data, Packed(arrays, packed.kept_macs,
-                                                packed.computed_macs), geometry)
-
-
-@dataclass(frozen=True)
-class _GatheredForm:
-    """A UBP layer packed for the gathered kernel (see :class:`UnalignedBlockKernel`)."""
-
-    arrays: Any
+        if isinstance(packed.arrays, _OtherForm):
+            packed = _OtherForm.unwrapped(packed)
+        return GATHERED.matmul(bb, data, packed, geometry)
 
 
 register_sparse_kernel("block_based", BlockBasedKernel(), ALL_FAMILIES)

@@ -274,19 +274,24 @@ def row_quantum(out_w: int, lanes: int) -> int:
     quantum = lanes
     while quantum > 4 and -(-out_w // quantum) * quantum > ROW_WASTE * out_w:
         quantum //= 2
-    return max(min(quantum, lanes), 1)
+    return quantum
+
+
+def tap_cost(rows: int, vectors: int) -> float:
+    """Estimated time of one stored tap per pixel vector, in FMAs of a pixel vector, in
+    tiles of ``rows`` filters and ``vectors`` pixel vectors (:data:`ROWS_LOAD_COST`,
+    :data:`ROWS_TAP_COST`)."""
+    return ROWS_LOAD_COST + rows + (ROWS_TAP_COST + rows) / vectors
 
 
 def row_tile_cost(tile: RowTile, rows: int) -> float:
-    """Estimated time of one stored tap over the whole output, in FMAs of a pixel
-    vector (:data:`ROWS_LOAD_COST`, :data:`ROWS_TAP_COST`)."""
-    per_vector = ROWS_LOAD_COST + rows + (ROWS_TAP_COST + rows) / tile.vectors
-    return tile.computed_vectors() * per_vector
+    """Estimated time of one stored tap over the whole output (:func:`tap_cost`)."""
+    return tile.computed_vectors() * tap_cost(rows, tile.vectors)
 
 
 def choose_row_tile(out_h: int, out_w: int, rows: int, lanes: int,
                     registers: int) -> RowTile | None:
-    """The register tile of :func:`rows_conv2d` for ``rows`` filter rows with the least
+    """The register tile of :func:`tiled_rows_conv2d` for ``rows`` filter rows with the least
     estimated time (:func:`row_tile_cost`: more pixel vectors per tap, less padding)
     whose ``rows x vectors`` accumulators, plus the broadcasts or input vectors of a
     tap (the fewer) and one more, fit the ``registers``; None if none does. The output
@@ -306,6 +311,29 @@ def choose_row_tile(out_h: int, out_w: int, rows: int, lanes: int,
             if cost < best_cost - 1e-9:
                 best, best_cost = tile, cost
     return best
+
+
+def _tap_offsets(taps, grid: PixelGrid, rows: int, out_channels: int):
+    """``[tiles, taps]``: each tap's element offset in one padded image (both forms),
+    after checking that ``tiles`` tiles of ``rows`` hold the output channels."""
+    from tvm import te
+
+    tiles, max_taps = (int(v) for v in taps.shape[:2])
+    if not (tiles - 1) * rows < out_channels <= tiles * rows:
+        raise ValueError(f"{out_channels} output channels do not fit {tiles} tiles of {rows}")
+    return te.compute((tiles, max_taps), lambda r, t: grid.tap_offset(
+        taps[r, t, 0], taps[r, t, 1], taps[r, t, 2]), name=ROWS_OFFSET_BLOCK)
+
+
+def _tap_sum(values, counts, flat, offsets, b, r, i, pixel):
+    """Row ``i`` of tile ``r`` at the pixel ``pixel`` elements into each tap's input:
+    the sum over the tile's taps (guarded by its count, see ``bound_tap_loops``)."""
+    from tvm import te
+
+    t = te.reduce_axis((0, int(values.shape[1])), name=TAP_AXIS)
+    return te.sum(te.if_then_else(t < counts[r], values[r, t, i] * flat[b, offsets[r, t]
+                                                                          + pixel], 0.0),
+                  axis=t)
 
 
 def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Sequence[int],
@@ -328,19 +356,12 @@ def rows_conv2d(data, values, taps, counts, strides: Sequence[int], padding: Seq
     if pixel_tile % PIXEL_QUANTUM:
         raise ValueError(f"pixel_tile {pixel_tile}: a multiple of {PIXEL_QUANTUM}")
     n = int(data.shape[0])
-    tiles, max_taps, rows = (int(v) for v in values.shape)
-    if not (tiles - 1) * rows < out_channels <= tiles * rows:
-        raise ValueError(f"{out_channels} output channels do not fit {tiles} tiles of {rows}")
+    tiles, _, rows = (int(v) for v in values.shape)
     grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, pixel_tile)
+    offsets = _tap_offsets(taps, grid, rows, out_channels)
     flat = flat_input(data, grid)
-    offsets = te.compute((tiles, max_taps), lambda r, t: grid.tap_offset(
-        taps[r, t, 0], taps[r, t, 1], taps[r, t, 2]), name=ROWS_OFFSET_BLOCK)
-    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
-    acc = te.compute(
-        (n, tiles, rows, grid.pixels),
-        lambda b, r, i, q: te.sum(te.if_then_else(
-            t < counts[r], values[r, t, i] * flat[b, offsets[r, t] + grid.pixel_offset(q)],
-            0.0), axis=t),
+    acc = te.compute((n, tiles, rows, grid.pixels), lambda b, r, i, q: _tap_sum(
+        values, counts, flat, offsets, b, r, i, grid.pixel_offset(q)),
         name=ROWS_CONV_BLOCK, attrs={TILE_ATTR: pixel_tile})
     return blocked_output(lambda b, m, q: acc[b, m // rows, m % rows, q], n, grid,
                           out_channels, out_block)
@@ -351,11 +372,10 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
                       kernel_size: Sequence[int], tile: RowTile | Sequence[int],
                       out_block: int):
     """Row-sparse convolution in register tiles, ``NCHW{ib}c`` in, ``NCHW{out_block}c``
-    out; the arrays as for :func:`rows_conv2d`. ``tile`` (a :class:`RowTile`, or its fields with
-    ``padded`` flattened) is the register tile: the accumulators are ``[N, tiles, R,
-    *tile.padded]`` and the
-    output stage reads them per tile, so the schedule writes each tile from registers
-    into the blocked output (:func:`schedule_rows_conv2d`).
+    out; the arrays as for :func:`rows_conv2d`. ``tile`` (a :class:`RowTile`, or its
+    fields with ``padded`` flattened) is the register tile: the accumulators are ``[N,
+    tiles, R, *tile.padded]`` and the output stage reads them per tile, so the schedule
+    writes each tile from registers into the blocked output (:func:`schedule_rows_conv2d`).
     """
     from tvm import te
 
@@ -363,13 +383,12 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
         quantum, height, width, padded_h, padded_w = (int(v) for v in tile)
         tile = RowTile(quantum, height, width, (padded_h, padded_w))
     n = int(data.shape[0])
-    tiles, max_taps, rows = (int(v) for v in values.shape)
-    if not (tiles - 1) * rows < out_channels <= tiles * rows:
-        raise ValueError(f"{out_channels} output channels do not fit {tiles} tiles of {rows}")
+    tiles, _, rows = (int(v) for v in values.shape)
     if out_channels % out_block:
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
     grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, tile.quantum)
+    offsets = _tap_offsets(taps, grid, rows, out_channels)
     out_h, out_w = grid.out_size
     padded_h, padded_w = tile.padded
     if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
@@ -380,14 +399,8 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
     reach = (grid.tap_offset(grid.channels - 1, kh - 1, kw - 1)
              + (padded_h - 1) * sh * pitch + (padded_w - 1) * sw + 1)
     flat = flat_input(data, grid, extent=reach)
-    offsets = te.compute((tiles, max_taps), lambda r, t: grid.tap_offset(
-        taps[r, t, 0], taps[r, t, 1], taps[r, t, 2]), name=ROWS_OFFSET_BLOCK)
-    t = te.reduce_axis((0, max_taps), name=TAP_AXIS)
-    acc = te.compute(
-        (n, tiles, rows, padded_h, padded_w),
-        lambda b, r, i, oh, x: te.sum(te.if_then_else(
-            t < counts[r], values[r, t, i] * flat[b, offsets[r, t] + oh * (sh * pitch)
-                                                  + x * sw], 0.0), axis=t),
+    acc = te.compute((n, tiles, rows, padded_h, padded_w), lambda b, r, i, oh, x: _tap_sum(
+        values, counts, flat, offsets, b, r, i, oh * (sh * pitch) + x * sw),
         name=ROWS_CONV_BLOCK, attrs={ROW_TILE_ATTR: [tile.quantum, tile.height, tile.width]})
     return te.compute((n, out_channels // out_block, out_h, out_w, out_block),
                       lambda b, co, oh, ow, ci: acc[b, (co * out_block + ci) // rows,
@@ -417,8 +430,7 @@ def choose_rows(weight: np.ndarray, candidates: Sequence[int] = (1, 2, 4, 8),
     for rows in candidates:
         if groups > 1 and per_group % rows:
             continue
-        tap = (ROWS_LOAD_COST + rows + (ROWS_TAP_COST + rows) / 4) if per_tap is None \
-            else per_tap(rows)
+        tap = tap_cost(rows, 4) if per_tap is None else per_tap(rows)
         if tap is None:
             continue
         cost = straddle_entries(weight, rows) * tap
@@ -574,6 +586,7 @@ def _schedule_row_tiles(sch, cfg: CpuScheduleConfig) -> None:
     b, r, i, oh, x, tap = sch.get_loops(main)
     _, tiles, rows, out_h, width, max_taps = loop_extents(sch, main)
     quantum, height, tile_width = (int(v) for v in sch.get(main).annotations[ROW_TILE_ATTR])
+    tile = RowTile(quantum, height, tile_width, (out_h, width))
     work = 2 * tiles * rows * out_h * width * max_taps
     _schedule_padding_copy(sch, cfg, work)
     last = _inline_epilogue(sch, main)
@@ -581,9 +594,8 @@ def _schedule_row_tiles(sch, cfg: CpuScheduleConfig) -> None:
     oh_o, oh_i = sch.split(oh, [None, height])
     x_o, x_v, x_l = sch.split(x, [None, tile_width // quantum, quantum])
     order = [b, r, oh_o, x_o] if cfg.sparse_parallel == "blocks" else [b, oh_o, x_o, r]
-    vectors = height * tile_width // quantum
     # the fewer of the tap's broadcasts and input vectors stay live across the other
-    inner = [oh_i, x_v, i] if rows <= vectors else [i, oh_i, x_v]
+    inner = [oh_i, x_v, i] if rows <= tile.vectors else [i, oh_i, x_v]
     sch.reorder(*order, tap, *inner, x_l)
     outer = sch.fuse(*order)
     sch.reverse_compute_at(last, outer)
