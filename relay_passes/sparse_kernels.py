@@ -280,8 +280,9 @@ class PixelKernel(SparseKernel):
 
 class PatternKernel(PixelKernel):
     """Pattern-pruned 3x3 convs: FKW storage, one code path per pattern
-    (``tir_schedules.sparse_pattern``). CPUs run the entry form for stride 1 (per-entry
-    1x1 products, then constant shifts), else the direct form."""
+    (``tir_schedules.sparse_pattern``). CPUs run the entry form (per-entry 1x1 products,
+    then constant shifts) for stride 1 where the pattern loops hold enough kernels to pay
+    for its planes (``entries_form_pays``), else the direct form."""
 
     name = "pattern"
     # 3x3 128@28, 1 thread: 0.62 of dense's FLOP rate at 3x (1.86x faster), 0.50 at 5x,
@@ -306,19 +307,22 @@ class PatternKernel(PixelKernel):
 
         from relay_passes.layout import channel_block
         from tir_schedules.sparse_pattern import (choose_entry_form, entries_form_pays,
-                                                  pattern_conv2d, pattern_entries_conv2d)
+                                                  kernels_per_loop, pattern_conv2d,
+                                                  pattern_entries_conv2d, planes_spill)
 
         arrays = packed.arrays
         args = [data, relax.const(arrays.weights), relax.const(arrays.channels),
                 relax.const(arrays.counts), relax.const(arrays.position),
                 list(arrays.patterns), list(geometry.strides), list(geometry.padding),
                 list(geometry.dilation)]
-        if entries_form_pays(geometry.strides, _target_family()):
-            lanes = _target_lanes()
+        lanes = _target_lanes()
+        registers = _target_registers(lanes)
+        _, _, height, width = geometry.data_shape
+        form = choose_entry_form(lanes, registers, height, width, geometry.padding,
+                                 geometry.dilation)
+        if entries_form_pays(geometry.strides, _target_family(), kernels_per_loop(arrays),
+                             planes_spill(form, lanes, registers)):
             self._block = channel_block(geometry.out_channels, lanes) or 1
-            _, _, height, width = geometry.data_shape
-            form = choose_entry_form(lanes, _target_registers(lanes), height, width,
-                                     geometry.padding, geometry.dilation)
             return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
                               form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)

@@ -635,7 +635,7 @@ def test_entry_form_fits_the_registers_and_costs_least(lanes, registers, size, p
     held = 3 * vectors + 10 if form.fold_rows else 4 * vectors + 2
     assert vectors == 1 or held <= registers
     live = lambda f: sp._entry_layout(f, size, size, padding, (1, 1), lanes)[2]  # noqa: E731
-    spills = lambda f: sp._planes_spill(f, lanes, registers)  # noqa: E731
+    spills = lambda f: sp.planes_spill(f, lanes, registers)  # noqa: E731
     fitting = [sp.EntryForm(fold, lanes * v) for fold, most in
                ((False, max(1, (registers - 2) // 4)), (True, max(1, (registers - 10) // 3)))
                for v in range(1, most + 1)]
@@ -658,3 +658,62 @@ def test_entry_form_choices_measured_on_avx2():
     than column planes in tiles of 16; and no slower than tiles of 16 at 5-10x."""
     for size in (14, 28, 56):
         assert sp.choose_entry_form(8, 16, size, size) == sp.EntryForm(False, 24)
+
+
+@pytest.mark.parametrize("target_name, lanes", [("host", 8), ("host", 16), ("arm-cpu", 4),
+                                                ("mali", 4)])
+def test_pattern_form_follows_kernels_per_loop(target_name, lanes, monkeypatch):
+    """Where the entry planes spill (AVX2) few kernels a pattern loop take the direct
+    form, many the entry form; with 32 registers (AVX-512, NEON) stride 1 always takes
+    the entry form; stride 2 and OpenCL the direct form."""
+    import relay_passes.sparse_kernels as sk
+    from npas_tvm.targets import resolve_target
+
+    monkeypatch.setattr(sk, "_target_lanes", lambda: lanes)
+    emitted = []
+
+    class Recorder:
+        def call_te(self, fn, *args, **kwargs):
+            emitted.append(fn.__name__)
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 32, 3, 3)).astype("float32")
+    cpu = target_name != "mali"
+    with resolve_target(target_name).tvm_target:
+        for rate, patterns, stride, entries in ((2.25, 2, 1, cpu),  # 16 kernels a loop
+                                                (10, 8, 1, cpu and lanes != 8),  # 0.9
+                                                (2.25, 2, 2, False)):
+            spec = PatternSpec(rate=rate, patterns=patterns)
+            geometry = sk.LayerGeometry("conv2d", "conv", weight.shape, (1, 32, 12, 12),
+                                        (stride, stride), (1, 1, 1, 1), (1, 1), 1)
+            kernel = sk.PatternKernel()
+            packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
+            kernel.conv2d(Recorder(), None, lanes, packed, geometry)
+            assert emitted.pop() == ("pattern_entries_conv2d" if entries
+                                     else "pattern_conv2d"), (rate, stride)
+
+
+def test_entry_form_pays_with_enough_kernels_per_loop():
+    assert sp.entries_form_pays((1, 1), "x86", 5.0, planes_spill=True)
+    assert not sp.entries_form_pays((1, 1), "x86", 4.9, planes_spill=True)
+    assert sp.entries_form_pays((1, 1), "arm", 0.5, planes_spill=False)
+    assert not sp.entries_form_pays((2, 2), "x86", 50.0)
+    assert not sp.entries_form_pays((1, 1), "opencl", 50.0)
+    rng = np.random.default_rng(0)
+    weight = _pattern_weight(rng, 8, 8, 3, 8)
+    packed = sp.pack_pattern(weight)
+    assert sp.kernels_per_loop(packed) == np.count_nonzero(weight.any(axis=(2, 3))) / (
+        8 * len(packed.patterns))
+
+
+def test_pattern_convs_of_both_forms_in_one_model(tmp_path):
+    """A pattern conv with many kernels a loop (the entry form on every CPU) next to
+    one with few (the direct form where the entry planes spill), against onnxruntime."""
+    g = make_graph((1, 16, 12, 12))
+    g.conv(32)
+    g.op("Relu")
+    g.conv(32)
+    plan = {"conv1.weight": PatternSpec(rate=2.25, patterns=2),  # 8 kernels a loop
+            "conv2.weight": PatternSpec(rate=10)}                 # 0.9
+    rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
+    assert rows["conv1.weight"].kernel == rows["conv2.weight"].kernel == "pattern"

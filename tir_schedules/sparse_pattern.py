@@ -75,6 +75,7 @@ at row shifts that cross tiles, and keep the planes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -562,7 +563,7 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     def cost(form: EntryForm) -> float:
         live = _entry_layout(form, height, width, padding, dilation, lanes)[2]
         vectors = form.tile // lanes
-        spilled = _planes_spill(form, lanes, registers)
+        spilled = planes_spill(form, lanes, registers)
         chained = 2 if form.fold_rows else 1  # FMAs per kernel into one accumulator
         waits = max(1.0, FMAS_IN_FLIGHT * chained / (PATTERN_SIZE * vectors))
         return (live * (3 + 1 / vectors) * (1.04 if form.fold_rows else 1.0)
@@ -571,7 +572,7 @@ def choose_entry_form(lanes: int, registers: int, height: int, width: int,
     return min(forms, key=cost)
 
 
-def _planes_spill(form: EntryForm, lanes: int, registers: int) -> bool:
+def planes_spill(form: EntryForm, lanes: int, registers: int) -> bool:
     """Whether some of the form's planes wait in L1 between patterns: the registers
     beside one tile of inputs and a broadcast hold fewer tiles of accumulators than
     the form has planes (9 entries or 3 columns)."""
@@ -579,9 +580,32 @@ def _planes_spill(form: EntryForm, lanes: int, registers: int) -> bool:
     return (registers - vectors - 1) // vectors < (3 if form.fold_rows else 9)
 
 
-def entries_form_pays(stride: Sequence[int], family: str) -> bool:
+# Kernels per pattern loop (the mean over filters and patterns) below which CPUs whose
+# entry planes spill (AVX2) run the direct form. The entry form saves loads per kernel
+# but pays, per filter and tile, for its planes: their spill at each pattern loop's
+# boundary (AVX2 holds 4 of 9), their write-back and the shift-sum (with every count 0,
+# 0.23-0.37 ms on 128->128 @28 against the direct form's 0.09-0.13). With few kernels
+# a loop those fixed costs win. 3x3 128->128 @28 in 8 patterns (Zen3, 1 thread,
+# medians of 40-80 interleaved calls), entries/direct: 1.83/2.74 ms at 3x (12 kernels
+# a loop), 1.11/1.25 at 6x (6), 1.30/1.26 at 7x (5.1), 1.22/1.10 at 8x (4.5), 0.84-1.06
+# /0.76-0.86 at 10x (3.6; CSR 0.93-1.03); 256->256 @14: 0.89/1.03 at 6x (12), 0.77/0.85
+# at 8x (9), 0.65-0.91/0.68-0.84 at 10x (7.2).
+ENTRY_FORM_MIN_KERNELS = 5.0
+
+
+def entries_form_pays(stride: Sequence[int], family: str, kernels_per_loop: float = math.inf,
+                      planes_spill: bool = False) -> bool:
     """Whether a layer takes :func:`pattern_entries_conv2d` rather than
     :func:`pattern_conv2d`: on CPUs, for stride 1 (the products cover the input plane,
-    which stride 2 would compute four times over). The GPU schedule runs the
+    which stride 2 would compute four times over), and where the entry form's planes
+    spill (:func:`planes_spill`) only with at least :data:`ENTRY_FORM_MIN_KERNELS` kept
+    kernels per pattern loop (:func:`kernels_per_loop`). The GPU schedule runs the
     direct form (one work-item per output, no per-filter products buffer)."""
-    return family in ("x86", "arm") and tuple(int(v) for v in stride) == (1, 1)
+    return (family in ("x86", "arm") and tuple(int(v) for v in stride) == (1, 1)
+            and (not planes_spill or kernels_per_loop >= ENTRY_FORM_MIN_KERNELS))
+
+
+def kernels_per_loop(packed: PatternWeights) -> float:
+    """Kept kernels per (filter, pattern) loop, the mean: the work that a pattern loop's
+    fixed costs (its exit, in the entry form its planes' spill) are shared by."""
+    return packed.kept_kernels() / max(1, packed.counts.size)
