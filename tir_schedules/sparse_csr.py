@@ -36,6 +36,7 @@ flat form's ``[N, rows, Q]`` buffer and copy cost as much as the kernel at high 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -108,6 +109,15 @@ class PixelGrid:
     def plane(self) -> int:
         """Flat elements per channel."""
         return self.plane_rows * self.padded[1]
+
+    def with_row_quantum(self, quantum: int) -> "PixelGrid":
+        """This grid with zero columns on the right until a padded row is a multiple of
+        ``quantum`` elements: with stride 1 a row of output vectors then reads whole
+        aligned input vectors (where the tap's column is 0), not ones straddling cache
+        lines. The output size grows by those columns; callers keep the original's."""
+        top, left, bottom, right = self.padding
+        return dataclasses.replace(self, padding=(top, left, bottom,
+                                                  right + -self.padded[1] % quantum))
 
     def tap_offset(self, channel, y, x):
         """Element offset of tap (channel, kh, kw) in one padded image (ints or exprs)."""
@@ -376,6 +386,8 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
     fields with ``padded`` flattened) is the register tile: the accumulators are ``[N,
     tiles, R, *tile.padded]`` and the output stage reads them per tile, so the schedule
     writes each tile from registers into the blocked output (:func:`schedule_rows_conv2d`).
+    With stride 1 the input rows are padded to whole vectors (:meth:`PixelGrid.with_row_quantum`;
+    1x1 96->576 @14 and 320->1280 @7, 4 x 1 blocks at 3x: 2-13% faster, Zen3, 1 thread).
     """
     from tvm import te
 
@@ -388,8 +400,10 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
     grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, tile.quantum)
-    offsets = _tap_offsets(taps, grid, rows, out_channels)
     out_h, out_w = grid.out_size
+    if grid.unit_stride:  # rows whole vectors apart: a tile's input loads are aligned
+        grid = grid.with_row_quantum(tile.quantum)
+    offsets = _tap_offsets(taps, grid, rows, out_channels)
     padded_h, padded_w = tile.padded
     if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
             or padded_w % tile.width or tile.width % tile.quantum):
