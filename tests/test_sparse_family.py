@@ -694,9 +694,9 @@ def test_pattern_form_follows_kernels_per_loop(target_name, lanes, monkeypatch):
 
 
 def test_entry_form_pays_with_enough_kernels_per_loop():
-    assert sp.entries_form_pays((1, 1), "x86", 5.0, planes_spill=True)
-    assert not sp.entries_form_pays((1, 1), "x86", 4.9, planes_spill=True)
-    assert sp.entries_form_pays((1, 1), "arm", 0.5, planes_spill=False)
+    assert sp.entries_form_pays((1, 1), "x86", 5.0, spills=True)
+    assert not sp.entries_form_pays((1, 1), "x86", 4.9, spills=True)
+    assert sp.entries_form_pays((1, 1), "arm", 0.5, spills=False)
     assert not sp.entries_form_pays((2, 2), "x86", 50.0)
     assert not sp.entries_form_pays((1, 1), "opencl", 50.0)
     rng = np.random.default_rng(0)

@@ -593,16 +593,17 @@ def planes_spill(form: EntryForm, lanes: int, registers: int) -> bool:
 ENTRY_FORM_MIN_KERNELS = 5.0
 
 
-def entries_form_pays(stride: Sequence[int], family: str, kernels_per_loop: float = math.inf,
-                      planes_spill: bool = False) -> bool:
+def entries_form_pays(stride: Sequence[int], family: str, loop_kernels: float = math.inf,
+                      spills: bool = False) -> bool:
     """Whether a layer takes :func:`pattern_entries_conv2d` rather than
     :func:`pattern_conv2d`: on CPUs, for stride 1 (the products cover the input plane,
     which stride 2 would compute four times over), and where the entry form's planes
-    spill (:func:`planes_spill`) only with at least :data:`ENTRY_FORM_MIN_KERNELS` kept
-    kernels per pattern loop (:func:`kernels_per_loop`). The GPU schedule runs the
+    spill (``spills``, :func:`planes_spill`) only with at least
+    :data:`ENTRY_FORM_MIN_KERNELS` kept kernels per pattern loop (``loop_kernels``,
+    :func:`kernels_per_loop`). The GPU schedule runs the
     direct form (one work-item per output, no per-filter products buffer)."""
     return (family in ("x86", "arm") and tuple(int(v) for v in stride) == (1, 1)
-            and (not planes_spill or kernels_per_loop >= ENTRY_FORM_MIN_KERNELS))
+            and (not spills or loop_kernels >= ENTRY_FORM_MIN_KERNELS))
 
 
 def kernels_per_loop(packed: PatternWeights) -> float:
