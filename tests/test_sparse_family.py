@@ -714,6 +714,6 @@ def test_pattern_convs_of_both_forms_in_one_model(tmp_path):
     g.op("Relu")
     g.conv(32)
     plan = {"conv1.weight": PatternSpec(rate=2.25, patterns=2),  # 8 kernels a loop
-            "conv2.weight": PatternSpec(rate=10)}                 # 0.9
+            "conv2.weight": PatternSpec(rate=10)}                 # 0.45
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert rows["conv1.weight"].kernel == rows["conv2.weight"].kernel == "pattern"

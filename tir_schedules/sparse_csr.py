@@ -246,9 +246,10 @@ def blocked_output(acc_at, n: int, grid: PixelGrid | None, out_channels: int, ou
                       name=PIXEL_OUT_BLOCK)
 
 
-# Per stored tap, in FMAs of one pixel vector: its input vector's load (from L2 on the
-# measured layers) and its index, weights and loop. Fitted to UBP 4 x 1 on 1x1 96->576
-# @14 (Zen3, 1 thread) over tiles of 1, 2 and 4 rows with 2 to 14 pixel vectors.
+# Per stored tap, in FMAs of one pixel vector: its input vector's load and its index,
+# weights and loop (a fit, not a cost of one instruction: with pixel tiles outermost the
+# input tile is in L1). Fitted to UBP 4 x 1 on 1x1 96->576 @14 (Zen3, 1 thread) over
+# tiles of 1, 2 and 4 rows with 2 to 14 pixel vectors.
 ROWS_LOAD_COST = 6.0  # per tap and pixel vector
 ROWS_TAP_COST = 9.0  # per tap and tile, plus one per row (its broadcast)
 
