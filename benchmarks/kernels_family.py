@@ -77,6 +77,12 @@ class _Builder:
     def __init__(self, data_array):
         self.data_array = data_array
 
+    def call_primfunc(self, func, data, constants, out_shape):
+        import numpy as np
+
+        arrays = [self.data_array, *(np.ascontiguousarray(a) for a in constants)]
+        return func, arrays, [int(v) for v in out_shape]
+
     def call_te(self, fn, data, *args, primfunc_name_hint=None, **kwargs):
         import numpy as np
         from tvm import te

@@ -248,6 +248,20 @@ def _target_registers(lanes: int) -> int:
     return 16 if lanes == 8 else 32
 
 
+def call_primfunc(bb, func, name: str, data, constants: Sequence[np.ndarray],
+                  out_shape: Sequence[int]):
+    """``call_tir`` of a hand-written PrimFunc on ``data`` and ``constants`` (what
+    ``bb.call_te`` is for a TE function); a stand-in builder may offer its own."""
+    from tvm import relax
+
+    if not isinstance(bb, relax.BlockBuilder):
+        return bb.call_primfunc(func, data, constants, out_shape)
+    func = func.without_attr("global_symbol") if "global_symbol" in (func.attrs or {}) else func
+    gvar = bb.add_func(func, name)
+    return relax.call_tir(gvar, [data, *(relax.const(a) for a in constants)],
+                          out_ty=relax.TensorType([int(v) for v in out_shape], "float32"))
+
+
 class PixelKernel(SparseKernel):
     """Sparse convs vectorized along output pixels (``tir_schedules.sparse_csr``).
 
@@ -444,11 +458,26 @@ the tile); on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/0.026/0
 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
 
 
+RING_MIN_VECTORS = 2
+"""The ring kernel's register tile holds at least this many pixel vectors, else UBP convs
+take the register tiles of :class:`RowsKernel`: the ring's costs per filter row (its
+loop's exit, the finished row's move) are paid per tile, and a one-vector tile has
+three times the tiles. 1x1 96->576 @14 in 8 x 1 blocks on AVX2 (a tile of 8 rows holds
+one vector; Zen3, 1 thread): at 5x / 10x the ring took 1.77 / 1.93x the aligned blocks'
+time, the register tiles 1.42 / 1.48x."""
+
+
 class UnalignedBlockKernel(RowsKernel):
-    """Unaligned blocks (UBP). Convs on CPUs run the register tiles of
-    :class:`RowsKernel` (vectorized along output pixels, ``R`` filter rows a tile):
+    """Unaligned blocks (UBP). Convs on CPUs run the ring kernel
+    (``tir_schedules.sparse_ring``: UBP's own output-stationary kernel, vectorized
+    along output pixels, a ring of ``GR`` accumulator rows walking down the filters):
     with pixels as the vector axis every weight is a broadcast, so a block's offset
-    wastes no lane; a block straddling two tiles stores a tap in each. With filters as
+    wastes no lane, and each block is one tap wherever it starts. Measured (1 thread,
+    Zen3, 4 x 1 blocks, against aligned blocks' register tiles at equal rate): 1x1
+    96->576 @14 1.10-1.12x their time at 3/5/10x, 320->1280 @7 0.99-1.05x; the
+    register tiles of :class:`RowsKernel` (a block straddling two tiles stores a tap
+    in each, 7393 taps against 4608 blocks at 3x) took 1.3-1.7x. They remain for
+    blocks no register tile holds (16 rows on AVX2). With filters as
     the vector axis (the gathered kernel, which OpenCL keeps where the output channels
     split into tiles of its vector) a lane cannot move between registers inside an FMA,
     and a block crossing a tile boundary is two pieces, two FMAs per pixel. Measured
@@ -498,18 +527,58 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
+        if tile is None and self._ring_tile(geometry, int(spec.block[0])) is not None:
+            from tir_schedules.sparse_ring import pack_ring
+
+            self.name = "unaligned_ring"
+            ring = pack_ring(weight.reshape(weight.shape[0], -1), int(spec.block[0]))
+            return Packed(ring, int(np.count_nonzero(weight)) * pixels,
+                          ring.blocks() * ring.rows * pixels)
         if tile is None:
             self.name = "unaligned_rows"
             return super().pack(weight, spec, geometry)
         self.name = "unaligned_gathered"
         return packed_gathered(weight, tile, geometry, _OtherForm)
 
+    def _ring_tile(self, geometry: LayerGeometry, rows: int):
+        """The ring kernel's register tile for the layer on the current CPU, or None
+        where it does not apply: grouped convs (a block could span two groups), and
+        tiles of fewer than :data:`RING_MIN_VECTORS` pixel vectors."""
+        if geometry.groups != 1 or geometry.kind == DEPTHWISE:
+            return None
+        tile = self._row_tile(geometry, rows)
+        return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None
+
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
+        from tir_schedules.sparse_ring import RingBlocks
+
+        if isinstance(packed.arrays, RingBlocks):
+            return self._ring_conv2d(bb, data, in_block, packed.arrays, geometry)
         if not isinstance(packed.arrays, _OtherForm):
             return super().conv2d(bb, data, in_block, packed, geometry)
         inner = _OtherForm.unwrapped(packed)
         self._block = inner.arrays.block
         return GATHERED.conv2d(bb, data, in_block, inner, geometry)
+
+    def _ring_conv2d(self, bb, data, in_block: int, ring, geometry: LayerGeometry):
+        from relay_passes.layout import channel_block
+        from tir_schedules.sparse_ring import (padded_starts, ring_conv2d, ring_grid,
+                                               ring_offsets)
+
+        tile = self._ring_tile(geometry, ring.rows)
+        self._block = channel_block(geometry.out_channels, _target_lanes()) or 1
+        n, channels, height, width = geometry.data_shape
+        data_shape = (n, channels // in_block, height, width, in_block)
+        kernel = tuple(geometry.weight_shape[2:])
+        conv = (geometry.strides, geometry.padding, geometry.dilation)
+        func = ring_conv2d(data_shape, int(ring.values.shape[0]), ring.rows, *conv,
+                           geometry.out_channels, kernel, tile, self._block)
+        offsets = ring_offsets(ring, ring_grid(data_shape, kernel, *conv, tile))
+        out_h, out_w = geometry.output_size()
+        out_shape = (n, geometry.out_channels // self._block, out_h, out_w, self._block)
+        return call_primfunc(bb, func, "sparse_ring_conv2d", data,
+                             (ring.values, offsets, padded_starts(ring, self._block)),
+                             out_shape)
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         from tvm import relax

@@ -22,6 +22,7 @@ from npas_tvm.schemes.pattern import CANDIDATES
 from tir_schedules import sparse_conv as sc
 from tir_schedules import sparse_csr as cs
 from tir_schedules import sparse_pattern as sp
+from tir_schedules import sparse_ring as sr
 from tir_schedules import sparse_unaligned as su
 from tir_schedules.lowering import cpu_pipeline
 
@@ -116,6 +117,16 @@ def run_rows(x, weight, rows, strides, dilation, groups, ib=4, ob=4, tile=None):
                                                       dilation, 16).out_size), ob)
     got = _build(out, ph, [xb, packed.values, packed.taps, packed.counts], "sparse_rows")
     return got, sc.reference_conv2d(x, weight, strides, pad, dilation, groups)
+
+
+def _any_row_tile(out_size, height: int, width: int, quantum: int) -> cs.RowTile:
+    """A register tile of up to ``height`` rows by ``width`` vectors of ``quantum``
+    lanes over an output of ``out_size``, padded to whole tiles."""
+    out_h, out_w = out_size
+    row = -(-out_w // quantum) * quantum
+    tile_h, tile_w = min(height, out_h), min(width * quantum, row)
+    return cs.RowTile(quantum, tile_h, tile_w,
+                      (-(-out_h // tile_h) * tile_h, -(-row // tile_w) * tile_w))
 
 
 def _close(got, ref):
@@ -287,16 +298,94 @@ def test_row_tiles_match_numpy(seed, kernel, size, stride, dilation, rows, group
     weight *= make_mask(weight, spec)
     x = rng.standard_normal((1, 8, size, size)).astype("float32")
 
-    def tile(out_size):
-        out_h, out_w = out_size
-        row = -(-out_w // quantum) * quantum
-        tile_h, tile_w = min(height, out_h), min(width * quantum, row)
-        return cs.RowTile(quantum, tile_h, tile_w,
-                          (-(-out_h // tile_h) * tile_h, -(-row // tile_w) * tile_w))
-
     got, ref = run_rows(x, weight, rows if groups == 1 else 2, (stride, stride),
-                        (dilation, dilation), groups, ob=4, tile=tile)
+                        (dilation, dilation), groups, ob=4,
+                        tile=lambda out: _any_row_tile(out, height, width, quantum))
     _close(got, ref)
+
+
+@PACK
+@given(seed=st.integers(0, 10**6), filters=st.integers(4, 40), columns=st.integers(1, 12),
+       rows=st.sampled_from([2, 4, 8]), rate=st.sampled_from([1.5, 3, 10]), ubp=st.booleans())
+def test_ring_format_round_trips_any_mask(seed, filters, columns, rows, rate, ubp):
+    """Blocks sorted by start row, any mask (UBP blocks or single weights, covered by
+    blocks), the last rows' blocks moved up: unpacking gives the weight back, each
+    block is stored once, and no block crosses the last row."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((filters, columns)).astype("float32")
+    if ubp and filters >= rows:
+        weight *= make_mask(weight, UnalignedBlockSpec(rate=rate, block=(rows, 1)))
+    else:
+        weight *= rng.random(weight.shape) < 1 / rate
+    if filters < rows:
+        with pytest.raises(ValueError):
+            sr.pack_ring(weight, rows)
+        return
+    ring = sr.pack_ring(weight, rows)
+    np.testing.assert_array_equal(ring.unpack(), weight)
+    starts = ring.starts
+    assert starts[0] == 0 and np.all(np.diff(starts) >= 0) and starts[-1] == ring.blocks()
+    assert np.all(np.diff(starts)[filters - rows + 1:] == 0)  # a block ends by the last row
+    if ubp and filters >= rows:
+        kept = np.count_nonzero(make_mask(weight, UnalignedBlockSpec(rate=rate,
+                                                                     block=(rows, 1))))
+        assert ring.blocks() <= max(1, kept // rows)
+
+
+def run_ring(x, weight, rows, strides, dilation, ib, ob, tile, registers=16, lanes=8):
+    """The ring kernel built and scheduled as the pipeline does, and numpy's answer."""
+    import tvm
+
+    from tir_schedules import kernel_family, schedule_primfunc
+
+    k = weight.shape[2]
+    pad = [dilation[0] * (k // 2), dilation[1] * (k // 2)] * 2
+    xb = _blocked(x, ib)
+    ring = sr.pack_ring(weight.reshape(weight.shape[0], -1), rows)
+    out_size = cs.pixel_grid(xb.shape, (k, k), strides, pad, dilation, 8).out_size
+    row_tile = tile(out_size)
+    func = sr.ring_conv2d(xb.shape, ring.values.shape[0], rows, strides, pad, dilation,
+                          weight.shape[0], (k, k), row_tile, ob)
+    grid = sr.ring_grid(xb.shape, (k, k), strides, pad, dilation, row_tile)
+    arrays = [xb, ring.values, sr.ring_offsets(ring, grid), sr.padded_starts(ring, ob)]
+    assert kernel_family(func) == "sparse_ring"
+    spec, cfg = _host()
+    scheduled = schedule_primfunc(func, cfg)
+    assert scheduled is not None
+    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
+    result = tvm.runtime.empty([int(x.shape[0]), weight.shape[0] // ob, *out_size, ob],
+                               "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], result)
+    return _unblocked(result.numpy()), sc.reference_conv2d(x, weight, strides, pad,
+                                                           dilation, 1)
+
+
+@BUILD
+@given(seed=st.integers(0, 10**6), kernel=st.sampled_from([1, 3]),
+       size=st.integers(3, 11), stride=st.sampled_from([1, 2]),
+       dilation=st.sampled_from([1, 2]), rows=st.sampled_from([2, 4, 8]),
+       filters=st.sampled_from([8, 16, 24]), ob=st.sampled_from([4, 8]),
+       height=st.integers(1, 3), width=st.integers(1, 2), quantum=st.sampled_from([4, 8]),
+       ubp=st.booleans())
+def test_ring_kernel_matches_numpy(seed, kernel, size, stride, dilation, rows, filters, ob,
+                                   height, width, quantum, ubp):
+    """Any register tile (ragged against the output or not), ring turns shorter or
+    longer than the output block, blocks at every offset and the last rows' moved up,
+    rows with no block."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((filters, 8, kernel, kernel)).astype("float32")
+    matrix = weight.reshape(filters, -1)  # blocks down the [F, C * k * k] columns
+    matrix *= make_mask(matrix, UnalignedBlockSpec(rate=3, block=(rows, 1))) if ubp \
+        else rng.random(matrix.shape) < 0.2
+    x = rng.standard_normal((1, 8, size, size)).astype("float32")
+
+    _close(*run_ring(x, weight, rows, (stride, stride), (dilation, dilation), 4, ob,
+                     lambda out: _any_row_tile(out, height, width, quantum)))
+
+
+def test_ring_group_is_one_turn_where_it_divides_the_block():
+    assert sr.ring_group(4, 8) == 4 and sr.ring_group(2, 8) == 2 and sr.ring_group(8, 8) == 8
+    assert sr.ring_group(8, 4) == 8 and sr.ring_group(4, 1) == 4 and sr.ring_group(4, 6) == 12
 
 
 @PACK
@@ -351,10 +440,51 @@ def test_family_plan_matches_onnxruntime(tmp_path):
     rows = _compile_plan(small_cnn(tmp_path / "m.onnx"), FAMILY_PLAN, tmp_path)
     assert rows["conv1.weight"].kernel == "pattern"
     assert rows["conv3.weight"].kernel == "pattern"
-    assert rows["conv2.weight"].kernel == "unaligned_rows"  # CPUs: register tiles
+    assert rows["conv2.weight"].kernel == "unaligned_ring"  # CPUs: the ring of rows
     assert rows["conv4.weight"].kernel == rows["fc5.weight"].kernel == "csr"
     for row in rows.values():
         assert row.kept_macs <= row.computed_macs < row.dense_macs, row.name
+
+
+def test_ring_conv_carries_its_fused_epilogue(tmp_path):
+    """UBP 1x1 convs run the ring kernel with their bias, residual add and relu fused
+    into its output stage (no other loop nest in the kernel), against onnxruntime."""
+    import tvm
+
+    from npas_tvm.compiler import import_onnx
+    from npas_tvm.model_io import load_onnx
+    from npas_tvm.targets import resolve_target
+    from relay_passes import AnnotatePruning, ApplyPruning, dense_cpu_passes
+
+    g = make_graph((1, 16, 9, 9))
+    skip = g.conv(32, kernel=1)
+    g.relu6()
+    g.conv(32, kernel=1)
+    g.op("Add", skip)
+    g.conv(24, kernel=1)
+    g.op("Relu")
+    plan = {name: UnalignedBlockSpec(rate=3, block=(4, 1))
+            for name in ("conv1.weight", "conv2.weight", "conv3.weight")}
+    path = g.save(tmp_path / "m.onnx")
+    model = load_onnx(path)
+    mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
+        import_onnx(model).mod)
+    rows, _ = _lower_and_check(model, mod, tmp_path)
+    kernels = {row.name: row.kernel for row in rows}
+    assert set(kernels.values()) == {"unaligned_ring"} and len(kernels) == 3
+    spec = resolve_target("host")
+    with spec.tvm_target:
+        lowered = tvm.transform.Sequential(dense_cpu_passes(spec))(mod)
+    rings = {gv.name_hint: f for gv, f in lowered.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "npas_ring_rows" in str(f)}
+    assert len(rings) == 3
+    names = sorted(rings)  # bias adds; the residual add; a relu (conv1's output has two uses)
+    assert any("_add_add" in name for name in names) and any("relu" in name for name in names)
+    for func in rings.values():
+        sch = tvm.s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        assert names == [cs.PIXEL_PAD_BLOCK, sr.RING_INIT_BLOCK, sr.RING_ROWS_BLOCK,
+                         sr.RING_OUT_BLOCK]
 
 
 def test_unaligned_fc_and_odd_channels(tmp_path):
@@ -369,7 +499,7 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
             "fc3.weight": UnalignedBlockSpec(rate=2, block=(2, 1))}
     rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
     assert all(row.kernel is not None for row in rows.values())
-    assert rows["conv1.weight"].kernel == "unaligned_rows"  # 20 filters: no SIMD tiles
+    assert rows["conv1.weight"].kernel == "unaligned_ring"  # output block 4 of 20
     assert rows["fc3.weight"].kernel == "unaligned_phases"  # 2-row blocks: tiles of 4
 
 
@@ -421,14 +551,15 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
 
 @pytest.mark.parametrize("target_name", ["host", "arm-cpu", "mali"])
 def test_short_blocks_of_a_conv_take_register_tiles_on_cpus(target_name):
-    """On CPUs a 1x1 conv's UBP blocks go to register tiles vectorized along pixels
-    (no lane wasted on a block's offset), and so do aligned blocks shorter than the
-    vector (the gathered kernel's vector would be the block's height); SIMD-wide
-    aligned blocks, and OpenCL, keep the gathered kernel (UBP as pieces)."""
+    """On CPUs a 1x1 conv's UBP blocks go to the ring kernel, vectorized along pixels
+    (no lane wasted on a block's offset), or to register tiles where the ring's tile
+    would be one pixel vector (8 x 1 on AVX2); aligned blocks shorter than the vector go
+    to register tiles (the gathered kernel's vector would be the block's height);
+    SIMD-wide aligned blocks, and OpenCL, keep the gathered kernel (UBP as pieces)."""
     from npas_tvm.schemes import make_mask
     from npas_tvm.targets import resolve_target
-    from relay_passes.sparse_kernels import (BlockBasedKernel, LayerGeometry,
-                                             UnalignedBlockKernel)
+    from relay_passes.sparse_kernels import (RING_MIN_VECTORS, BlockBasedKernel,
+                                             LayerGeometry, UnalignedBlockKernel)
 
     target = resolve_target(target_name)
     lanes = 4 if target_name == "mali" else target.simd_lanes
@@ -445,7 +576,10 @@ def test_short_blocks_of_a_conv_take_register_tiles_on_cpus(target_name):
                 packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
                 assert packed.kept_macs <= packed.computed_macs
                 if isinstance(kernel, UnalignedBlockKernel):
-                    assert kernel.name == ("unaligned_rows" if cpu else "unaligned_gathered")
+                    tile = cs.choose_row_tile(7, 7, rows, lanes, 16 if lanes == 8 else 32)
+                    ring = tile is not None and tile.vectors >= RING_MIN_VECTORS
+                    assert kernel.name == ("unaligned_gathered" if not cpu else
+                                           "unaligned_ring" if ring else "unaligned_rows")
                 else:
                     assert kernel.name == ("block_rows" if cpu and rows < lanes
                                            else "gathered")

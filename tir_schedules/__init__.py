@@ -96,11 +96,12 @@ def apply_template(func, cfg: CpuScheduleConfig):
 
 def pixel_sparse_templates() -> dict:
     """Family -> (block-name prefix, CPU template) of the pixel-vectorized sparse kernels
-    (pattern, row-sparse); checked before the gathered kernels, whose prefix theirs
-    extend."""
-    from tir_schedules import sparse_csr, sparse_pattern
+    (UBP's ring, pattern, row-sparse); checked before the gathered kernels, whose prefix
+    theirs extend."""
+    from tir_schedules import sparse_csr, sparse_pattern, sparse_ring
 
-    return {"sparse_pattern_entries": (sparse_pattern.PATTERN_ENTRY_BLOCK,
+    return {"sparse_ring": (sparse_ring.RING_ROWS_BLOCK, sparse_ring.schedule_ring_conv2d),
+            "sparse_pattern_entries": (sparse_pattern.PATTERN_ENTRY_BLOCK,
                                        sparse_pattern.schedule_pattern_entries),
             "sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
                                sparse_pattern.schedule_pattern_conv2d),
@@ -109,8 +110,10 @@ def pixel_sparse_templates() -> dict:
 
 def finish_schedule(scheduled, family: str):
     """The TIR rewrites a template needs after its schedule primitives (not traced)."""
-    from tir_schedules import sparse_conv
+    from tir_schedules import sparse_conv, sparse_ring
 
+    if family == "sparse_ring":
+        return sparse_ring.finish_ring_schedule(scheduled)
     if family.startswith("sparse"):  # padded taps: bound each block's loop by its count
         return sparse_conv.bound_tap_loops(scheduled)
     return scheduled

@@ -176,26 +176,36 @@ def pixel_grid(data_shape: Sequence[int], kernel_size: Sequence[int], strides: S
                      tuple(int(d) for d in dilation), int(tile), int(plane_quantum))
 
 
+def flat_input_value(data, grid: PixelGrid, b, e):
+    """Element ``e`` of image ``b``'s flat input (:func:`flat_input`) from ``data`` (a TE
+    tensor or a TIR buffer, ``[N, C/ib, H, W, ib]``)."""
+    from tvm import te
+
+    _, _, height, width, block = (int(v) for v in data.shape)
+    wp = grid.padded[1]
+    top, left = grid.padding[0], grid.padding[1]
+    within = e % grid.plane
+    channel, y, x = e // grid.plane, within // wp - top, within % wp - left
+    inside = te.all(channel < grid.channels, y >= 0, y < height, x >= 0, x < width)
+    return te.if_then_else(inside, data[b, te.min(channel, grid.channels - 1) // block,
+                                        y, x, channel % block], 0.0)
+
+
+def flat_input_attrs(grid: PixelGrid, in_block: int) -> dict:
+    """The padding copy's annotations, which its schedule reads."""
+    return {"npas_row": grid.padded[1], "npas_plane_rows": grid.plane_rows,
+            "npas_in_block": in_block}
+
+
 def flat_input(data, grid: PixelGrid, extent: int | None = None):
     """``[N, extent]``: the zero-padded input, channel-major, one plane per channel
     (whole planes, so the schedule splits the flat axis into channel, row, column)."""
     from tvm import te
 
-    n, _, height, width, block = (int(v) for v in data.shape)
-    hp, wp = grid.padded
-    top, left = grid.padding[0], grid.padding[1]
-
-    def body(b, e):
-        within = e % grid.plane
-        channel, y, x = e // grid.plane, within // wp - top, within % wp - left
-        inside = te.all(channel < grid.channels, y >= 0, y < height, x >= 0, x < width)
-        return te.if_then_else(inside, data[b, te.min(channel, grid.channels - 1) // block,
-                                            y, x, channel % block], 0.0)
-
     extent = grid.extent if extent is None else -(-extent // grid.plane) * grid.plane
-    return te.compute((n, extent), body, name=PIXEL_PAD_BLOCK,
-                      attrs={"npas_row": wp, "npas_plane_rows": grid.plane_rows,
-                             "npas_in_block": block})
+    return te.compute((int(data.shape[0]), extent),
+                      lambda b, e: flat_input_value(data, grid, b, e), name=PIXEL_PAD_BLOCK,
+                      attrs=flat_input_attrs(grid, int(data.shape[4])))
 
 
 def tiled_flat_input(data, grid: PixelGrid, positions: int):
