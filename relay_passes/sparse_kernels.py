@@ -459,12 +459,13 @@ against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
 
 
 RING_MIN_VECTORS = 2
-"""The ring kernel's register tile holds at least this many pixel vectors, else UBP convs
-take the register tiles of :class:`RowsKernel`: the ring's costs per filter row (its
-loop's exit, the finished row's move) are paid per tile, and a one-vector tile has
-three times the tiles. 1x1 96->576 @14 in 8 x 1 blocks on AVX2 (a tile of 8 rows holds
-one vector; Zen3, 1 thread): at 5x / 10x the ring took 1.77 / 1.93x the aligned blocks'
-time, the register tiles 1.42 / 1.48x."""
+"""The ring kernel's register tile holds at least this many pixel vectors: the ring's
+costs per filter row (its loop's exit, the finished row's move) are paid per tile, and a
+one-vector tile has three times the tiles. Taller blocks run a ring of half their height
+(or a quarter, ...), each block two (four, ...) taps. 1x1 96->576 @14 in 8 x 1 blocks on
+AVX2 (a ring of 8 rows holds one vector; Zen3, 1 thread; time over aligned 8 x 1
+blocks'): a ring of 8 rows 1.77 / 1.93 at 5x / 10x; a ring of 4 rows 1.07 / 1.20 / 1.57
+at 3x / 5x / 10x; register tiles 1.38 / 1.39 / 1.66."""
 
 
 class UnalignedBlockKernel(RowsKernel):
@@ -476,8 +477,8 @@ class UnalignedBlockKernel(RowsKernel):
     Zen3, 4 x 1 blocks, against aligned blocks' register tiles at equal rate): 1x1
     96->576 @14 1.10-1.12x their time at 3/5/10x, 320->1280 @7 0.99-1.05x; the
     register tiles of :class:`RowsKernel` (a block straddling two tiles stores a tap
-    in each, 7393 taps against 4608 blocks at 3x) took 1.3-1.7x. They remain for
-    blocks no register tile holds (16 rows on AVX2). With filters as
+    in each, 7393 taps against 4608 blocks at 3x) took 1.3-1.7x. Blocks taller than
+    the ring run as two or more of its taps (:data:`RING_MIN_VECTORS`). With filters as
     the vector axis (the gathered kernel, which OpenCL keeps where the output channels
     split into tiles of its vector) a lane cannot move between registers inside an FMA,
     and a block crossing a tile boundary is two pieces, two FMAs per pixel. Measured
@@ -527,11 +528,12 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
-        if tile is None and self._ring_tile(geometry, int(spec.block[0])) is not None:
+        ring_rows = self._ring_rows(geometry, int(spec.block[0]))
+        if tile is None and ring_rows is not None:
             from tir_schedules.sparse_ring import pack_ring
 
             self.name = "unaligned_ring"
-            ring = pack_ring(weight.reshape(weight.shape[0], -1), int(spec.block[0]))
+            ring = pack_ring(weight.reshape(weight.shape[0], -1), ring_rows)
             return Packed(ring, int(np.count_nonzero(weight)) * pixels,
                           ring.blocks() * ring.rows * pixels)
         if tile is None:
@@ -548,6 +550,16 @@ class UnalignedBlockKernel(RowsKernel):
             return None
         tile = self._row_tile(geometry, rows)
         return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None
+
+    def _ring_rows(self, geometry: LayerGeometry, rows: int) -> int | None:
+        """The ring's height for blocks of ``rows``: ``rows``, else the largest half,
+        quarter, ... (at least 2) whose ring has a register tile (a block is then two or
+        more taps of the ring), else None (:data:`RING_MIN_VECTORS`)."""
+        while rows >= 2:
+            if self._ring_tile(geometry, rows) is not None:
+                return rows
+            rows //= 2
+        return None
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         from tir_schedules.sparse_ring import RingBlocks
