@@ -29,7 +29,6 @@ def test_npas_model_runs_remotely_and_matches_the_pruned_onnx(arm_device, zoo_on
                                                               capsys, plan):
     """compile --npas for arm-cpu (block, pattern or filter kernels as the plan says),
     run over RPC on the emulated phone, checked against onnxruntime on the pruned ONNX."""
-    tracker, key = arm_device
     npas = ["--npas", "rule"]
     if plan == "family":  # patterns on the 3x3 convs (the entry form), UBP on the FCs
         import json
@@ -55,17 +54,47 @@ def test_npas_model_runs_remotely_and_matches_the_pruned_onnx(arm_device, zoo_on
         path = save_plan(uniform_plan(layers, 5.0, RuleTarget.for_spec(
             resolve_target("arm-cpu"))), str(tmp_path / "plan.json"))
         npas = ["--npas", path]
-    library = str(tmp_path / f"vgg.{plan}.arm.so")
-    assert main(["compile", zoo_onnx("vgg_cifar"), "--target", "arm-cpu", *npas,
-                 "-o", library]) == 0
-    out = capsys.readouterr().out
+    out = _compile_and_run_remotely(zoo_onnx("vgg_cifar"), npas, tmp_path / f"vgg.{plan}.arm.so",
+                                    arm_device, capsys)
     assert ("pattern" in out and "unaligned_" in out) if plan == "family" else "gathered" in out
+
+
+def test_ubp_ring_runs_remotely_and_matches(arm_device, tmp_path, capsys):
+    """UBP 1x1 convs in the ring kernel (4 x 1, and 8 x 1 on NEON's 32 registers, with
+    a fused relu and residual add), compiled for arm-cpu and run on the emulated phone."""
+    import json
+
+    from onnx_graphs import make_graph
+
+    g = make_graph((1, 16, 10, 10))
+    skip = g.conv(32, kernel=1)
+    g.op("Relu")
+    g.conv(32, kernel=1)
+    g.op("Add", skip)
+    model = g.save(tmp_path / "ubp.onnx")
+    layers = {"conv1.weight": {"scheme": "unaligned_block", "rate": 3, "block": [4, 1]},
+              "conv2.weight": {"scheme": "unaligned_block", "rate": 3, "block": [8, 1]}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "npas-plan", "version": 1, "layers": layers}))
+    out = _compile_and_run_remotely(model, ["--npas", str(path)], tmp_path / "ubp.arm.so",
+                                    arm_device, capsys)
+    assert out.count("unaligned_ring") == 2, out
+
+
+def _compile_and_run_remotely(model: str, npas: list, library, arm_device, capsys) -> str:
+    """``compile`` for arm-cpu with ``npas``, then ``bench`` over RPC with its check
+    against onnxruntime on the pruned ONNX; returns the compile's output."""
+    tracker, key = arm_device
+    library = str(library)
+    assert main(["compile", model, "--target", "arm-cpu", *npas, "-o", library]) == 0
+    compiled = capsys.readouterr().out
     code = main(["bench", library, "--model", library.replace(".so", ".pruned.onnx"),
                  "--rpc-tracker", tracker, "--rpc-key", key, "--number", "1",
                  "--repeat", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "check vs onnxruntime" in out and ": OK" in out
+    return compiled
 
 
 def test_wrong_key_fails_fast(arm_device, compiled, capsys):
