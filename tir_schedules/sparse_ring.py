@@ -165,10 +165,13 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
              offsets: T.Buffer((i64(blocks),), "int32"),
              starts: T.Buffer((i64(groups * group + 1),), "int32"),
              conv: T.Buffer(out_dims, "float32")):
-        flat = T.alloc_buffer((i64(n), i64(extent)), "float32")
-        acc = T.alloc_buffer((i64(rows), i64(height), i64(width)), "float32", scope="local")
-        stage = T.alloc_buffer((i64(group), i64(height), i64(width)), "float32",
-                               scope="local")
+        # the root block's buffers: the planner places each at the loop of its uses, so
+        # every parallel tile owns its ring (T.alloc_buffer would stay at the top, shared)
+        flat = T.sblock_alloc_buffer((i64(n), i64(extent)), "float32")
+        acc = T.sblock_alloc_buffer((i64(rows), i64(height), i64(width)), "float32",
+                                    scope="local")
+        stage = T.sblock_alloc_buffer((i64(group), i64(height), i64(width)), "float32",
+                                      scope="local")
         for b, e in T.grid(i64(n), i64(extent)):
             with T.sblock(PIXEL_PAD_BLOCK):
                 vb, ve = T.axis.remap("SS", [b, e])
