@@ -544,9 +544,11 @@ class UnalignedBlockKernel(RowsKernel):
 
     def _ring_tile(self, geometry: LayerGeometry, rows: int):
         """The ring kernel's register tile for the layer on the current CPU, or None
-        where it does not apply: grouped convs (a block could span two groups), and
-        tiles of fewer than :data:`RING_MIN_VECTORS` pixel vectors."""
-        if geometry.groups != 1 or geometry.kind == DEPTHWISE:
+        where it does not apply: OpenCL, grouped convs (a block could span two groups),
+        fewer filters than the ring's rows, and tiles of fewer than
+        :data:`RING_MIN_VECTORS` pixel vectors."""
+        if (_target_family() not in CPU_FAMILIES or geometry.groups != 1
+                or geometry.kind == DEPTHWISE or rows > geometry.out_channels):
             return None
         tile = self._row_tile(geometry, rows)
         return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None

@@ -180,6 +180,7 @@ def test_compile_npas_for_mali_lowers_to_sparse_kernels(zoo_onnx, tmp_path, caps
     (("conv3x3 32->32 @8", "conv", 32, 32, 8, 3), "unstructured"),
     (("conv1x1 32->64 @8", "conv", 32, 64, 8, 1), "block_based"),
     (("conv1x1 32->64 @8", "conv", 32, 64, 8, 1), "unaligned_block"),
+    (("conv1x1 32->18 @8", "conv", 32, 18, 8, 1), "unaligned_block"),  # no vector tiles
     (("fc 64->40", "fc", 64, 40, 1, 1), "block_based"),
     (("fc 64->40", "fc", 64, 40, 1, 1), "unstructured"),
 ], ids=lambda v: v if isinstance(v, str) else v[0].replace(" ", "_"))

@@ -364,21 +364,24 @@ def run_ring(x, weight, rows, strides, dilation, ib, ob, tile, registers=16, lan
 @given(seed=st.integers(0, 10**6), kernel=st.sampled_from([1, 3]),
        size=st.integers(3, 11), stride=st.sampled_from([1, 2]),
        dilation=st.sampled_from([1, 2]), rows=st.sampled_from([2, 4, 8]),
-       filters=st.sampled_from([8, 16, 24]), ob=st.sampled_from([4, 8]),
-       height=st.integers(1, 3), width=st.integers(1, 2), quantum=st.sampled_from([4, 8]),
-       ubp=st.booleans())
-def test_ring_kernel_matches_numpy(seed, kernel, size, stride, dilation, rows, filters, ob,
-                                   height, width, quantum, ubp):
+       shape=st.sampled_from([(8, 4), (16, 8), (24, 8), (12, 4), (18, 1), (6, 2)]),
+       batch=st.sampled_from([1, 2]), height=st.integers(1, 3), width=st.integers(1, 2),
+       quantum=st.sampled_from([4, 8]), mask=st.sampled_from(["ubp", "random", "zero"]))
+def test_ring_kernel_matches_numpy(seed, kernel, size, stride, dilation, rows, shape, batch,
+                                   height, width, quantum, mask):
     """Any register tile (ragged against the output or not), ring turns shorter or
-    longer than the output block, blocks at every offset and the last rows' moved up,
-    rows with no block."""
+    longer than the output block, filters not a whole number of groups, batches, blocks
+    at every offset and the last rows' moved up, rows with no block, no block at all."""
+    filters, ob = shape
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((filters, 8, kernel, kernel)).astype("float32")
     matrix = weight.reshape(filters, -1)  # blocks down the [F, C * k * k] columns
-    matrix *= make_mask(matrix, UnalignedBlockSpec(rate=3, block=(rows, 1))) if ubp \
-        else rng.random(matrix.shape) < 0.2
-    x = rng.standard_normal((1, 8, size, size)).astype("float32")
-
+    if mask == "ubp" and filters >= rows:
+        matrix *= make_mask(matrix, UnalignedBlockSpec(rate=3, block=(rows, 1)))
+    else:
+        matrix *= rng.random(matrix.shape) < (0.2 if mask == "random" else 0.0)
+    rows = min(rows, filters)
+    x = rng.standard_normal((batch, 8, size, size)).astype("float32")
     _close(*run_ring(x, weight, rows, (stride, stride), (dilation, dilation), 4, ob,
                      lambda out: _any_row_tile(out, height, width, quantum)))
 
@@ -401,8 +404,9 @@ tile = choose_row_tile(28, 28, 4, 8, 16)
 shape = (1, 8, 28, 28, 8)
 f = sr.ring_conv2d(shape, ring.values.shape[0], 4, (1, 1), (0,) * 4, (1, 1), 128, (1, 1), tile, 8)
 grid = sr.ring_grid(shape, (1, 1), (1, 1), (0,) * 4, (1, 1), tile)
-lib = tvm.compile(schedule_primfunc(f, default_config(spec)), spec.tvm_target,
-                  tir_pipeline=cpu_pipeline())
+scheduled = schedule_primfunc(f, default_config(spec))
+assert "T.parallel" in str(scheduled)  # else this test would run one thread
+lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
 args = [x.reshape(1, 8, 8, 28, 28).transpose(0, 1, 3, 4, 2), ring.values,
         sr.ring_offsets(ring, grid), sr.padded_starts(ring, 8)]
 args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
@@ -494,8 +498,8 @@ def test_family_plan_matches_onnxruntime(tmp_path):
 
 
 def test_ring_conv_carries_its_fused_epilogue(tmp_path):
-    """UBP 1x1 convs run the ring kernel with their bias, residual add and relu fused
-    into its output stage (no other loop nest in the kernel), against onnxruntime."""
+    """UBP 1x1 convs run the ring kernel with their bias, residual add, relu and swish
+    fused into its output stage (no other loop nest in the kernel), against onnxruntime."""
     import tvm
 
     from npas_tvm.compiler import import_onnx
@@ -510,23 +514,27 @@ def test_ring_conv_carries_its_fused_epilogue(tmp_path):
     g.op("Add", skip)
     g.conv(24, kernel=1)
     g.op("Relu")
+    before = g.conv(24, kernel=1)
+    g.op("Sigmoid")
+    g.op("Mul", before)  # swish: two epilogue stages read the bias add
     plan = {name: UnalignedBlockSpec(rate=3, block=(4, 1))
-            for name in ("conv1.weight", "conv2.weight", "conv3.weight")}
+            for name in ("conv1.weight", "conv2.weight", "conv3.weight", "conv4.weight")}
     path = g.save(tmp_path / "m.onnx")
     model = load_onnx(path)
     mod = tvm.transform.Sequential([AnnotatePruning(plan), ApplyPruning()])(
         import_onnx(model).mod)
     rows, _ = _lower_and_check(model, mod, tmp_path)
     kernels = {row.name: row.kernel for row in rows}
-    assert set(kernels.values()) == {"unaligned_ring"} and len(kernels) == 3
+    assert set(kernels.values()) == {"unaligned_ring"} and len(kernels) == 4
     spec = resolve_target("host")
     with spec.tvm_target:
         lowered = tvm.transform.Sequential(dense_cpu_passes(spec))(mod)
     rings = {gv.name_hint: f for gv, f in lowered.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and "npas_ring_rows" in str(f)}
-    assert len(rings) == 3
+    assert len(rings) == 4
     names = sorted(rings)  # bias adds; the residual add; a relu (conv1's output has two uses)
     assert any("_add_add" in name for name in names) and any("relu" in name for name in names)
+    assert any("sigmoid_multiply" in name for name in names), names
     for func in rings.values():
         sch = tvm.s_tir.Schedule(func)
         names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]

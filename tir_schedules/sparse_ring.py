@@ -21,10 +21,11 @@ Sketch for ``GR = 2``, rows 0-5, blocks at rows (0, 1), (1, 2) and (3, 4)::
     row 2:                        slot 0 done: row 2 out, slot 0 <- row 4
     row 3: +(3,4) -> slots 1,0    ...
 
-The ring's slot of a row is its index mod ``GR``: the row loop is unrolled by
-``lcm(GR, output block)`` rows so every slot is a constant and the ring stays in
-registers, and a finished group of rows (one ``NCHW{c}c`` channel block or more) goes
-to the output, with the fused epilogue, in one stage (:data:`RING_OUT_BLOCK`).
+The ring's slot of a row is its index mod ``GR``: the row loop is unrolled by a group
+of rows (:func:`ring_group`: one ring turn where ``GR`` divides the output's channel
+block, else ``lcm(GR, block)``) so every slot is a constant and the ring stays in
+registers, and a finished group goes to the output, with the fused epilogue, in one
+stage (:data:`RING_OUT_BLOCK`).
 
 TE has no loop-carried state, so the kernel is written as TIR (TVMScript). The padding
 copy is :func:`.sparse_csr.flat_input`'s: the same body, the same schedule.
@@ -119,7 +120,10 @@ def ring_offsets(ring: RingBlocks, grid: PixelGrid) -> np.ndarray:
     kh, kw = grid.kernel
     channel, position = np.divmod(ring.columns.astype(np.int64), kh * kw)
     y, x = np.divmod(position, kw)
-    return np.asarray(grid.tap_offset(channel, y, x), np.int32)
+    offsets = np.asarray(grid.tap_offset(channel, y, x), np.int64)
+    if offsets.size and offsets.max() >= 2**31:
+        raise ValueError(f"input offsets up to {offsets.max()} do not fit int32")
+    return offsets.astype(np.int32)
 
 
 def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
@@ -243,27 +247,42 @@ def padded_starts(ring: RingBlocks, out_block: int) -> np.ndarray:
 
 def schedule_ring_conv2d(sch, cfg: CpuScheduleConfig) -> None:
     """The padding copy as for the other pixel kernels; the fused epilogue inlined into
-    the output stage, which writes each pixel's channel vector (the group's finished
-    rows, transposed in registers); parallel over (image, tile) when big. The ring's own
-    loops are unrolled and vectorized in its TIR."""
+    the output stage (:func:`.common.fuse_epilogue`'s way: every stage but the last
+    inlined into its consumers, the last into the output stage), which writes each
+    pixel's channel vector (the group's finished rows, transposed in registers);
+    parallel over (image, tile) when big. The ring's own loops are unrolled and
+    vectorized in its TIR."""
     from tir_schedules.sparse_csr import _schedule_padding_copy
 
     out = find_block(sch, RING_OUT_BLOCK)
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
-    for block in blocks[names.index(sch.get(out).name_hint) + 1:]:
-        sch.reverse_compute_inline(block)
+    epilogue = blocks[names.index(sch.get(out).name_hint) + 1:]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    if epilogue:
+        sch.reverse_compute_inline(epilogue[-1])
     b, ty, tx, g, c, y, x = sch.get_loops(out)
-    _, tiles_h, tiles_w, groups, group, height, width = loop_extents(sch, out)
-    work = 2 * tiles_h * tiles_w * groups * group * height * width
+    _, tiles_h, tiles_w, _, group, height, width = loop_extents(sch, out)
+    n, blocks_stored, rows = _ring_extents(sch)
+    work = 2 * n * blocks_stored * rows * tiles_h * height * tiles_w * width
     _schedule_padding_copy(sch, cfg, work)
-    sch.reorder(y, x, c)
+    out_block = int(sch.get(out).iter_vars[-1].dom.extent)
+    c_outer, c_inner = sch.split(c, [None, min(group, out_block)])  # one channel block
+    sch.reorder(c_outer, y, x, c_inner)
     for loop in (y, x):
         sch.unroll(loop)
-    sch.vectorize(c)
+    sch.vectorize(c_inner)
     outer = sch.fuse(b, ty, tx)
     if work >= cfg.parallel_min_flops:  # sch.parallel refuses the ring's opaque blocks
         sch.annotate(outer, PARALLEL_ATTR, 1)
+
+
+def _ring_extents(sch) -> tuple[int, int, int]:
+    """(images, stored blocks, ring rows) of the ring kernel in ``sch``."""
+    flat, values = (region.source for region in  # its reads, as ring_conv2d lists them
+                    sch.get(find_block(sch, RING_ROWS_BLOCK)).reads[:2])
+    return int(flat.shape[0]), int(values.shape[0]), int(values.shape[1])
 
 
 def finish_ring_schedule(func):
