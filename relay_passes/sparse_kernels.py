@@ -277,9 +277,16 @@ class PixelKernel(SparseKernel):
     def output_block(self, spec: SchemeSpec) -> int:
         return self._block
 
+    def _output_block_of(self, geometry: LayerGeometry) -> int:
+        """The layer's output channel block on the current target, kept for
+        ``output_block``."""
+        from relay_passes.layout import channel_block
+
+        self._block = channel_block(geometry.out_channels, _target_lanes()) or 1
+        return self._block
+
     def _choose(self, geometry: LayerGeometry, rows: int) -> tuple[int, int]:
         """(pixel tile, output block) for the layer on the current target."""
-        from relay_passes.layout import channel_block
         from tir_schedules.sparse_csr import PixelGrid, choose_pixel_tile
 
         lanes = _target_lanes()
@@ -288,8 +295,7 @@ class PixelKernel(SparseKernel):
                          geometry.strides, geometry.padding, geometry.dilation, 16)
         tile = choose_pixel_tile(grid.out_size[0], grid.row_pitch, rows, lanes,
                                  _target_registers(lanes))
-        self._block = channel_block(geometry.out_channels, lanes) or 1
-        return tile, self._block
+        return tile, self._output_block_of(geometry)
 
 
 class PatternKernel(PixelKernel):
@@ -319,7 +325,6 @@ class PatternKernel(PixelKernel):
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         from tvm import relax
 
-        from relay_passes.layout import channel_block
         from tir_schedules.sparse_pattern import (choose_entry_form, entries_form_pays,
                                                   kernels_per_loop, pattern_conv2d,
                                                   pattern_entries_conv2d, planes_spill)
@@ -336,8 +341,8 @@ class PatternKernel(PixelKernel):
                                  geometry.dilation)
         if entries_form_pays(geometry.strides, _target_family(), kernels_per_loop(arrays),
                              planes_spill(form, lanes, registers)):
-            self._block = channel_block(geometry.out_channels, lanes) or 1
-            return bb.call_te(pattern_entries_conv2d, *args, form.tile, self._block, lanes,
+            return bb.call_te(pattern_entries_conv2d, *args, form.tile,
+                              self._output_block_of(geometry), lanes,
                               form.fold_rows, primfunc_name_hint="sparse_pattern_conv2d")
         tile, block = self._choose(geometry, 1)
         return bb.call_te(pattern_conv2d, *args, tile, block,
@@ -380,7 +385,6 @@ class RowsKernel(PixelKernel):
         return packed_gathered(weight, self._rows(weight, geometry), geometry)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
-        from relay_passes.layout import channel_block
         from tir_schedules.sparse_csr import rows_conv2d, tiled_rows_conv2d
 
         rows = packed.arrays.block
@@ -394,9 +398,8 @@ class RowsKernel(PixelKernel):
         tile = self._row_tile(geometry, rows)
         if tile is None:
             raise ValueError(f"no register tile holds {rows} filter rows")
-        self._block = channel_block(geometry.out_channels, _target_lanes()) or 1
         fields = [tile.quantum, tile.height, tile.width, *tile.padded]  # call_te: no objects
-        return bb.call_te(tiled_rows_conv2d, *args, fields, self._block,
+        return bb.call_te(tiled_rows_conv2d, *args, fields, self._output_block_of(geometry),
                           primfunc_name_hint="sparse_rows_conv2d")
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
@@ -528,17 +531,17 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.gathered.kept_macs_per_pixel() * pixels)
-        ring_rows = self._ring_rows(geometry, int(spec.block[0]))
-        if tile is None and ring_rows is not None:
+        if tile is None:
+            ring_rows = self._ring_rows(geometry, int(spec.block[0]))
+            if ring_rows is None:
+                self.name = "unaligned_rows"
+                return super().pack(weight, spec, geometry)
             from tir_schedules.sparse_ring import pack_ring
 
             self.name = "unaligned_ring"
             ring = pack_ring(weight.reshape(weight.shape[0], -1), ring_rows)
             return Packed(ring, int(np.count_nonzero(weight)) * pixels,
                           ring.blocks() * ring.rows * pixels)
-        if tile is None:
-            self.name = "unaligned_rows"
-            return super().pack(weight, spec, geometry)
         self.name = "unaligned_gathered"
         return packed_gathered(weight, tile, geometry, _OtherForm)
 
@@ -575,23 +578,21 @@ class UnalignedBlockKernel(RowsKernel):
         return GATHERED.conv2d(bb, data, in_block, inner, geometry)
 
     def _ring_conv2d(self, bb, data, in_block: int, ring, geometry: LayerGeometry):
-        from relay_passes.layout import channel_block
-        from tir_schedules.sparse_ring import (padded_starts, ring_conv2d, ring_grid,
-                                               ring_offsets)
+        from tir_schedules.sparse_csr import row_tile_layout
+        from tir_schedules.sparse_ring import padded_starts, ring_conv2d, ring_offsets
 
         tile = self._ring_tile(geometry, ring.rows)
-        self._block = channel_block(geometry.out_channels, _target_lanes()) or 1
+        block = self._output_block_of(geometry)
         n, channels, height, width = geometry.data_shape
         data_shape = (n, channels // in_block, height, width, in_block)
         kernel = tuple(geometry.weight_shape[2:])
         conv = (geometry.strides, geometry.padding, geometry.dilation)
         func = ring_conv2d(data_shape, int(ring.values.shape[0]), ring.rows, *conv,
-                           geometry.out_channels, kernel, tile, self._block)
-        offsets = ring_offsets(ring, ring_grid(data_shape, kernel, *conv, tile))
-        out_h, out_w = geometry.output_size()
-        out_shape = (n, geometry.out_channels // self._block, out_h, out_w, self._block)
+                           geometry.out_channels, kernel, tile, block)
+        grid, (out_h, out_w), _ = row_tile_layout(data_shape, kernel, *conv, tile)
+        out_shape = (n, geometry.out_channels // block, out_h, out_w, block)
         return call_primfunc(bb, func, "sparse_ring_conv2d", data,
-                             (ring.values, offsets, padded_starts(ring, self._block)),
+                             (ring.values, ring_offsets(ring, grid), padded_starts(ring, block)),
                              out_shape)
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):

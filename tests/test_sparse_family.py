@@ -346,7 +346,7 @@ def run_ring(x, weight, rows, strides, dilation, ib, ob, tile, registers=16, lan
     row_tile = tile(out_size)
     func = sr.ring_conv2d(xb.shape, ring.values.shape[0], rows, strides, pad, dilation,
                           weight.shape[0], (k, k), row_tile, ob)
-    grid = sr.ring_grid(xb.shape, (k, k), strides, pad, dilation, row_tile)
+    grid = cs.row_tile_layout(xb.shape, (k, k), strides, pad, dilation, row_tile)[0]
     arrays = [xb, ring.values, sr.ring_offsets(ring, grid), sr.padded_starts(ring, ob)]
     assert kernel_family(func) == "sparse_ring"
     spec, cfg = _host()
@@ -399,11 +399,11 @@ w *= make_mask(w, UnalignedBlockSpec(rate=3, block=(4, 1)))
 x = rng.standard_normal((1, 64, 28, 28)).astype("float32")
 ring = sr.pack_ring(w, 4)
 spec = resolve_target("host")
-from tir_schedules.sparse_csr import choose_row_tile
+from tir_schedules.sparse_csr import choose_row_tile, row_tile_layout
 tile = choose_row_tile(28, 28, 4, 8, 16)
 shape = (1, 8, 28, 28, 8)
 f = sr.ring_conv2d(shape, ring.values.shape[0], 4, (1, 1), (0,) * 4, (1, 1), 128, (1, 1), tile, 8)
-grid = sr.ring_grid(shape, (1, 1), (1, 1), (0,) * 4, (1, 1), tile)
+grid = row_tile_layout(shape, (1, 1), (1, 1), (0,) * 4, (1, 1), tile)[0]
 scheduled = schedule_primfunc(f, default_config(spec))
 assert "T.parallel" in str(scheduled)  # else this test would run one thread
 lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())

@@ -410,19 +410,11 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
     if out_channels % out_block:
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
-    grid = pixel_grid(data.shape, kernel_size, strides, padding, dilation, tile.quantum)
-    out_h, out_w = grid.out_size
-    if grid.unit_stride:  # rows whole vectors apart: a tile's input loads are aligned
-        grid = grid.with_row_quantum(tile.quantum)
+    grid, (out_h, out_w), reach = row_tile_layout(data.shape, kernel_size, strides, padding,
+                                                  dilation, tile)
     offsets = _tap_offsets(taps, grid, rows, out_channels)
     padded_h, padded_w = tile.padded
-    if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
-            or padded_w % tile.width or tile.width % tile.quantum):
-        raise ValueError(f"{tile} does not tile a {out_h} x {out_w} output")
     (sh, sw), pitch = grid.strides, grid.padded[1]
-    kh, kw = grid.kernel
-    reach = (grid.tap_offset(grid.channels - 1, kh - 1, kw - 1)
-             + (padded_h - 1) * sh * pitch + (padded_w - 1) * sw + 1)
     flat = flat_input(data, grid, extent=reach)
     acc = te.compute((n, tiles, rows, padded_h, padded_w), lambda b, r, i, oh, x: _tap_sum(
         values, counts, flat, offsets, b, r, i, oh * (sh * pitch) + x * sw),
@@ -431,6 +423,29 @@ def tiled_rows_conv2d(data, values, taps, counts, strides: Sequence[int],
                       lambda b, co, oh, ow, ci: acc[b, (co * out_block + ci) // rows,
                                                     (co * out_block + ci) % rows, oh, ow],
                       name=PIXEL_OUT_BLOCK)
+
+
+def row_tile_layout(data_shape: Sequence[int], kernel_size: Sequence[int],
+                    strides: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                    tile: RowTile) -> tuple[PixelGrid, tuple[int, int], int]:
+    """(the flat input's grid, the output size, the flat elements of one image that the
+    tiles read) for register tiles ``tile`` over an ``NCHW{ib}c`` input of
+    ``data_shape``, after checking that ``tile`` covers the output. With stride 1 the
+    grid's rows are whole pixel vectors (:meth:`PixelGrid.with_row_quantum`), so a
+    tile's input loads are aligned; its own output size then counts those columns."""
+    grid = pixel_grid(data_shape, kernel_size, strides, padding, dilation, tile.quantum)
+    out_h, out_w = grid.out_size
+    if grid.unit_stride:
+        grid = grid.with_row_quantum(tile.quantum)
+    padded_h, padded_w = tile.padded
+    if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
+            or padded_w % tile.width or tile.width % tile.quantum):
+        raise ValueError(f"{tile} does not tile a {out_h} x {out_w} output")
+    (sh, sw), pitch = grid.strides, grid.padded[1]
+    kh, kw = grid.kernel
+    reach = (grid.tap_offset(grid.channels - 1, kh - 1, kw - 1)
+             + (padded_h - 1) * sh * pitch + (padded_w - 1) * sw + 1)
+    return grid, (out_h, out_w), reach
 
 
 def straddle_entries(weight: np.ndarray, rows: int) -> int:
@@ -505,13 +520,14 @@ def schedule_pixel_stages(sch, main, cfg: CpuScheduleConfig, work: int) -> None:
 
 
 def _inline_epilogue(sch, main):
-    """Every stage after ``main`` inlined into the last, which is returned."""
+    """Every stage after ``main`` inlined into the last, which is returned (None if no
+    stage follows ``main``)."""
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
     after = blocks[names.index(sch.get(main).name_hint) + 1:]
     for block in after[:-1]:
         sch.compute_inline(block)
-    return after[-1]
+    return after[-1] if after else None
 
 
 def _schedule_padding_copy(sch, cfg: CpuScheduleConfig, work: int) -> None:

@@ -43,8 +43,8 @@ import numpy as np
 
 from tir_schedules.common import find_block, loop_extents
 from tir_schedules.config import CpuScheduleConfig
-from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, flat_input_value,
-                                      flat_input_attrs, pixel_grid)
+from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, flat_input_attrs,
+                                      flat_input_value, row_tile_layout)
 
 RING_ROWS_BLOCK = "npas_ring_rows"  # one filter row's blocks into the ring (opaque)
 RING_INIT_BLOCK = "npas_ring_init"
@@ -132,28 +132,21 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
     offsets [blocks], starts [F' + 1]) -> [N, F/out_block, OH, OW, out_block]``, with
     ``F'`` the filters padded to whole groups (:func:`ring_group`; ``starts`` repeats
     its last entry there) and ``offsets`` from :func:`ring_offsets` on the grid
-    :func:`ring_grid` gives. ``tile`` is the register tile of ``rows`` filters
-    (:func:`.sparse_csr.choose_row_tile`)."""
+    :func:`.sparse_csr.row_tile_layout` gives. ``tile`` is the register tile of ``rows``
+    filters (:func:`.sparse_csr.choose_row_tile`)."""
     from tvm.script import tirx as T
 
     n, _, _, _, in_block = (int(v) for v in data_shape)
-    grid = ring_grid(data_shape, kernel_size, strides, padding, dilation, tile)
-    out_h, out_w = pixel_grid(data_shape, kernel_size, strides, padding, dilation,
-                              tile.quantum).out_size
     if out_channels % out_block:
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
+    grid, (out_h, out_w), reach = row_tile_layout(data_shape, kernel_size, strides, padding,
+                                                  dilation, tile)
     padded_h, padded_w = tile.padded
-    if (padded_h < out_h or padded_w < out_w or padded_h % tile.height
-            or padded_w % tile.width or tile.width % tile.quantum):
-        raise ValueError(f"{tile} does not tile a {out_h} x {out_w} output")
     group = ring_group(rows, out_block)
     groups = -(-out_channels // group)
     (sh, sw), pitch = grid.strides, grid.padded[1]
-    kh, kw = grid.kernel
-    reach = (grid.tap_offset(grid.channels - 1, kh - 1, kw - 1)
-             + (padded_h - 1) * sh * pitch + (padded_w - 1) * sw + 1)
-    extent = -(-reach // grid.plane) * grid.plane
+    extent = -(-reach // grid.plane) * grid.plane  # whole planes, as flat_input's
     height, width, quantum = tile.height, tile.width, tile.quantum
     vectors, row_step = width // quantum, sh * pitch
     tiles_h, tiles_w = padded_h // height, padded_w // width
@@ -227,13 +220,6 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
     return ring.with_attr("op_pattern", 4)  # kOutEWiseFusable: FuseOps adds the epilogue
 
 
-def ring_grid(data_shape, kernel_size, strides, padding, dilation, tile: RowTile) -> PixelGrid:
-    """The flat input's grid: with stride 1 its rows are whole pixel vectors (aligned
-    loads, :meth:`.sparse_csr.PixelGrid.with_row_quantum`)."""
-    grid = pixel_grid(data_shape, kernel_size, strides, padding, dilation, tile.quantum)
-    return grid.with_row_quantum(tile.quantum) if grid.unit_stride else grid
-
-
 def padded_starts(ring: RingBlocks, out_block: int) -> np.ndarray:
     """``ring.starts`` over the filters padded to whole groups (:func:`ring_group`)."""
     group = ring_group(ring.rows, out_block)
@@ -247,21 +233,17 @@ def padded_starts(ring: RingBlocks, out_block: int) -> np.ndarray:
 
 def schedule_ring_conv2d(sch, cfg: CpuScheduleConfig) -> None:
     """The padding copy as for the other pixel kernels; the fused epilogue inlined into
-    the output stage (:func:`.common.fuse_epilogue`'s way: every stage but the last
-    inlined into its consumers, the last into the output stage), which writes each
+    the output stage (every stage but the last into its consumers, as for the other
+    pixel kernels, then the last into the output stage), which writes each
     pixel's channel vector (the group's finished rows, transposed in registers);
     parallel over (image, tile) when big. The ring's own loops are unrolled and
     vectorized in its TIR."""
-    from tir_schedules.sparse_csr import _schedule_padding_copy
+    from tir_schedules.sparse_csr import _inline_epilogue, _schedule_padding_copy
 
     out = find_block(sch, RING_OUT_BLOCK)
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-    names = [sch.get(b).name_hint for b in blocks]
-    epilogue = blocks[names.index(sch.get(out).name_hint) + 1:]
-    for block in epilogue[:-1]:
-        sch.compute_inline(block)
-    if epilogue:
-        sch.reverse_compute_inline(epilogue[-1])
+    last = _inline_epilogue(sch, out)
+    if last is not None:
+        sch.reverse_compute_inline(last)
     b, ty, tx, g, c, y, x = sch.get_loops(out)
     _, tiles_h, tiles_w, _, group, height, width = loop_extents(sch, out)
     n, blocks_stored, rows = _ring_extents(sch)
