@@ -42,7 +42,8 @@ class CpuScheduleConfig:
     # else rows_blocks)
     sparse_parallel: str = "auto"
     sparse_accumulator_scope: str = "global"  # see sparse_conv's module docstring
-    sparse_filter_group: int = 8  # pattern kernel (entry form): filters per parallel step
+    # pattern kernel (entry form): filters per parallel step (0: by their products' bytes)
+    sparse_filter_group: int = 0
 
     def max_accumulators(self, block: int) -> int:
         """Accumulator vectors of ``block`` fp32 lanes that stay in registers."""
@@ -68,7 +69,7 @@ TUNABLE_KNOBS: dict[str, dict[str, tuple]] = {
     "sparse_dense": {"sparse_pixel_tile": (0, 2, 4, 8, 16),
                      "sparse_accumulator_scope": ("global", "local"),
                      "parallel_min_flops": (0, 10**15)},
-    "sparse_pattern_entries": {"sparse_filter_group": (1, 2, 4, 8, 16),
+    "sparse_pattern_entries": {"sparse_filter_group": (0, 1, 2, 4, 8, 16, 32),
                                "parallel_min_flops": (0, 10**15)},
     "reduction": {"lanes": (4, 8, 16), "parallel_min_flops": (0, 10**15)},
 }

@@ -465,7 +465,7 @@ def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
     work = 2 * filters * PATTERN_SIZE * positions * most * npat
     schedule_pixel_stages(sch, shift, cfg, work)
     b, s, _, q = sch.get_loops(shift)
-    s_o, _ = sch.split(s, [None, _filter_group(filters, cfg)])
+    s_o, _ = sch.split(s, [None, _filter_group(filters, 4 * used * positions, cfg)])
     outer = sch.fuse(b, s_o)
     _, q_l = sch.split(q, [None, cfg.lanes])
     sch.vectorize(q_l)
@@ -502,11 +502,25 @@ def schedule_pattern_entries(sch, cfg: CpuScheduleConfig) -> None:
     sch.decompose_reduction(entries, p)
 
 
-def _filter_group(filters: int, cfg: CpuScheduleConfig) -> int:
+def _filter_group(filters: int, products_bytes: int, cfg: CpuScheduleConfig) -> int:
     """Filters per parallel iteration (a divisor of ``filters``): they share each pixel
     tile of the input while it is in L1, where one filter alone would stream the whole
-    input from L2 per filter."""
-    return largest_divisor(filters, cfg.sparse_filter_group)
+    input from L2 per filter. ``cfg.sparse_filter_group``, or where it is 0 the most
+    filters (up to :data:`MOST_GROUPED_FILTERS`) whose products (``products_bytes`` a
+    filter) stay within :data:`GROUP_PRODUCTS_BYTES`: each group streams the whole
+    input once, and writes its products and reads them back."""
+    if cfg.sparse_filter_group:
+        return largest_divisor(filters, cfg.sparse_filter_group)
+    fits = max(1, GROUP_PRODUCTS_BYTES // max(products_bytes, 1))
+    return largest_divisor(filters, min(MOST_GROUPED_FILTERS, 1 << (fits.bit_length() - 1)))
+
+
+# The filter group's products at most (the default group, :func:`_filter_group`), and
+# its filters at most. Zen3, 1 thread, pruned 3x, medians of interleaved rounds, groups of
+# 8/16/32: 3x3 64->64 @56 (121 KB of products a filter) 1.60/1.70/1.87 ms, 128->128 @28
+# (30 KB) 1.27/1.26/1.23, 256->256 @14 (10 KB) 1.36/1.36/1.29, 512->512 @7 2.08/1.78/1.92.
+GROUP_PRODUCTS_BYTES = 1 << 20
+MOST_GROUPED_FILTERS = 32
 
 
 # Planes that do not all fit the registers wait in L1 between patterns: each pattern

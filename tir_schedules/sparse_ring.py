@@ -40,7 +40,9 @@ little. The gathered kernel on aligned SIMD-wide blocks needs neither layout cha
 (filters are its vector lanes): 0.014 ms of its 0.039-0.057 are fixed costs, which is
 why it leads at 10x. Written as TIR shuffles, the transposition ran slower than LLVM's
 own lowering of the gather (one shuffle of the 4 rows: 0.062 ms; a two-stage unpack
-network: 0.092).
+network: 0.092): the ring holds 12 of AVX2's 16 registers across the output stage, so
+the shuffles spill. An output stage every 8-32 rows, its stage in memory and each pixel's
+whole channel block written at once, ran 4-8% slower than one every ring turn.
 
 Format (:func:`pack_ring`): ``values [blocks, GR]``, blocks ordered by start row;
 ``starts [rows + 1]``: row ``m``'s blocks are ``starts[m] .. starts[m + 1] - 1``;
