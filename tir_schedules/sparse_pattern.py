@@ -508,11 +508,14 @@ def _filter_group(filters: int, products_bytes: int, cfg: CpuScheduleConfig) -> 
     input from L2 per filter. ``cfg.sparse_filter_group``, or where it is 0 the most
     filters (up to :data:`MOST_GROUPED_FILTERS`) whose products (``products_bytes`` a
     filter) stay within :data:`GROUP_PRODUCTS_BYTES`: each group streams the whole
-    input once, and writes its products and reads them back."""
+    input once, and writes its products and reads them back. The groups are the
+    parallel loop: at least :data:`PARALLEL_GROUPS` of them where the filters allow."""
     if cfg.sparse_filter_group:
         return largest_divisor(filters, cfg.sparse_filter_group)
     fits = max(1, GROUP_PRODUCTS_BYTES // max(products_bytes, 1))
-    return largest_divisor(filters, min(MOST_GROUPED_FILTERS, 1 << (fits.bit_length() - 1)))
+    most = min(MOST_GROUPED_FILTERS, 1 << (fits.bit_length() - 1),
+               max(1, filters // PARALLEL_GROUPS))
+    return largest_divisor(filters, most)
 
 
 # The filter group's products at most (the default group, :func:`_filter_group`), and
@@ -521,6 +524,7 @@ def _filter_group(filters: int, products_bytes: int, cfg: CpuScheduleConfig) -> 
 # (30 KB) 1.27/1.26/1.23, 256->256 @14 (10 KB) 1.36/1.36/1.29, 512->512 @7 2.08/1.78/1.92.
 GROUP_PRODUCTS_BYTES = 1 << 20
 MOST_GROUPED_FILTERS = 32
+PARALLEL_GROUPS = 8  # a phone's cores, big and little
 
 
 # Planes that do not all fit the registers wait in L1 between patterns: each pattern
