@@ -94,3 +94,21 @@ def test_family_goals_read_each_row_against_its_own_dense_time():
     assert lines[1].endswith("slower at 3x") and lines[2].endswith("faster at every rate")
     assert "(SIMD-wide blocks)" in lines[3] and lines[3].endswith("1.05 (goal <= 1.10: met)")
     assert "(4x1 blocks)" in lines[4] and lines[4].endswith("1.20 (goal <= 1.10: missed)")
+
+
+def test_family_goals_add_the_fastest_rounds_where_the_rows_have_them():
+    from benchmarks.kernels_family import family_goals
+
+    def row(scheme, rate, ms, fastest, dense_ms=2.0, dense_fastest=1.6):
+        return {"layer": "L", "scheme": scheme, "rate": rate, "ms": ms, "dense_ms": dense_ms,
+                "fastest_ms": fastest, "dense_fastest_ms": dense_fastest}
+
+    lines = family_goals([row("pattern", 3, 1.1, 0.7), row("unstructured", 3, 1.5, 1.4),
+                          row("block_punched", 3, 1.0, 0.9)])
+    assert "1.81x faster than dense TVM (goal 2x: missed)" in lines[0]
+    assert lines[1] == "L:   in each engine's fastest round: 2.29x (dense TVM's median 25% " \
+        "above its fastest)"
+    lines = family_goals([row("block_based", 5, 1.0, 0.8), row("unaligned_block", 5, 1.2, 0.84),
+                          row("block_based", 10, 1.0, 0.5), row("unaligned_block", 10, 1.1, 0.5)])
+    assert lines[0].endswith("1.20 / 1.10 (goal <= 1.10: missed)")
+    assert lines[1] == "L:   in each kernel's fastest round: 1.05 / 1.00"
