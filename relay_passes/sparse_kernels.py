@@ -552,10 +552,13 @@ class UnalignedBlockKernel(RowsKernel):
         where it does not apply: OpenCL, grouped convs (a block could span two groups),
         fewer filters than the ring's rows, and tiles of fewer than
         :data:`RING_MIN_VECTORS` pixel vectors."""
+        from tir_schedules.sparse_ring import choose_ring_tile
+
         if (_target_family() not in CPU_FAMILIES or geometry.groups != 1
                 or geometry.kind == DEPTHWISE or rows > geometry.out_channels):
             return None
-        tile = self._row_tile(geometry, rows)
+        lanes = _target_lanes()
+        tile = choose_ring_tile(*geometry.output_size(), rows, lanes, _target_registers(lanes))
         return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None
 
     def _ring_rows(self, geometry: LayerGeometry, rows: int) -> int | None:

@@ -400,7 +400,7 @@ x = rng.standard_normal((1, 64, 28, 28)).astype("float32")
 ring = sr.pack_ring(w, 4)
 spec = resolve_target("host")
 from tir_schedules.sparse_csr import choose_row_tile, row_tile_layout
-tile = choose_row_tile(28, 28, 4, 8, 16)
+tile = sr.choose_ring_tile(28, 28, 4, 8, 16)
 shape = (1, 8, 28, 28, 8)
 f = sr.ring_conv2d(shape, ring.values.shape[0], 4, (1, 1), (0,) * 4, (1, 1), 128, (1, 1), tile, 8)
 grid = row_tile_layout(shape, (1, 1), (1, 1), (0,) * 4, (1, 1), tile)[0]
@@ -634,8 +634,8 @@ def test_short_blocks_of_a_conv_take_register_tiles_on_cpus(target_name):
                     assert kernel.name == ("unaligned_ring" if cpu else "unaligned_gathered")
                     if cpu:  # the tallest ring whose tile holds RING_MIN_VECTORS vectors
                         ring = rows
-                        while cs.choose_row_tile(7, 7, ring, lanes, 16 if lanes == 8 else 32
-                                                 ).vectors < RING_MIN_VECTORS:
+                        while sr.choose_ring_tile(7, 7, ring, lanes, 16 if lanes == 8 else 32
+                                                  ).vectors < RING_MIN_VECTORS:
                             ring //= 2
                         assert packed.arrays.rows == ring
                         # AVX2: 8 rows hold one vector; AVX-512: 16 rows one (of 8 lanes, 7 wide)

@@ -310,21 +310,23 @@ def row_tile_cost(tile: RowTile, rows: int) -> float:
     return tile.computed_vectors() * tap_cost(rows, tile.vectors)
 
 
-def choose_row_tile(out_h: int, out_w: int, rows: int, lanes: int,
-                    registers: int) -> RowTile | None:
+def choose_row_tile(out_h: int, out_w: int, rows: int, lanes: int, registers: int,
+                    max_accumulators: int | None = None) -> RowTile | None:
     """The register tile of :func:`tiled_rows_conv2d` for ``rows`` filter rows with the least
     estimated time (:func:`row_tile_cost`: more pixel vectors per tap, less padding)
     whose ``rows x vectors`` accumulators, plus the broadcasts or input vectors of a
-    tap (the fewer) and one more, fit the ``registers``; None if none does. The output
-    is padded to whole tiles: the kernel computes the padding (a guard in the tap loop
-    would cost more) and the write-back skips it."""
+    tap (the fewer) and one more, fit the ``registers`` (and the accumulators
+    ``max_accumulators``, where given); None if none does. The output is padded to
+    whole tiles: the kernel computes the padding (a guard in the tap loop would cost
+    more) and the write-back skips it."""
     quantum = row_quantum(out_w, lanes)
     row = -(-out_w // quantum) * quantum
     best, best_cost = None, math.inf
     for height in range(1, out_h + 1):
         for width in range(quantum, row + 1, quantum):
             vectors = height * width // quantum
-            if rows * vectors + min(rows, vectors) + 1 > registers:
+            if (rows * vectors + min(rows, vectors) + 1 > registers
+                    or rows * vectors > (max_accumulators or registers)):
                 continue
             padded = (-(-out_h // height) * height, -(-row // width) * width)
             tile = RowTile(quantum, height, width, padded)

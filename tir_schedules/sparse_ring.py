@@ -3,8 +3,9 @@
 Lee & Shin, "Unaligned Block Pruning", 2024: a kept block is ``GR`` consecutive filters
 (rows) of one input column, starting at any row. Their kernel sorts the blocks by start
 row and keeps a register tile of output rows resident while it walks down the rows.
-This is that kernel. Its register tile is ``GR`` filter rows of a few pixel vectors (as
-:func:`.sparse_csr.tiled_rows_conv2d`'s), used as a ring: at filter row ``m`` every
+This is that kernel. Its register tile is ``GR`` filter rows of a few pixel vectors (the
+shape of :func:`.sparse_csr.tiled_rows_conv2d`'s, in at most half the registers:
+:func:`choose_ring_tile`), used as a ring: at filter row ``m`` every
 block starting there adds its ``GR`` weights times its input vectors to slots ``m ..
 m + GR - 1`` (mod ``GR``); no later block reaches row ``m``, so its slot is complete,
 leaves for the output and starts row ``m + GR``. Each block is one tap of ``GR``
@@ -57,8 +58,8 @@ import numpy as np
 
 from tir_schedules.common import find_block, loop_extents
 from tir_schedules.config import CpuScheduleConfig
-from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, flat_input_attrs,
-                                      flat_input_value, row_tile_layout)
+from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, choose_row_tile,
+                                      flat_input_attrs, flat_input_value, row_tile_layout)
 
 RING_ROWS_BLOCK = "npas_ring_rows"  # one filter row's blocks into the ring (opaque)
 RING_INIT_BLOCK = "npas_ring_init"
@@ -120,6 +121,20 @@ def pack_ring(weight: np.ndarray, rows: int) -> RingBlocks:
     return RingBlocks(values, columns, np.cumsum(per_row).astype(np.int32), in_features)
 
 
+def choose_ring_tile(out_h: int, out_w: int, rows: int, lanes: int,
+                     registers: int) -> RowTile | None:
+    """The ring's register tile: :func:`.sparse_csr.choose_row_tile`'s, its accumulators
+    at most half the ``registers``. The ring stays in registers while the output stage
+    gathers each pixel's channels from the finished rows, so it needs room beside the
+    ring; and narrower tiles pad a small map less. Tiles of 2 pixel vectors against the
+    3 a full register file allows (AVX2, 4 x 1 blocks, Zen3, 1 thread, 10th percentiles
+    of 30 interleaved rounds): 1x1 96->576 @14 (1 x 16 against 3 x 8) 0.108/0.114 ms at
+    3x, 0.052/0.056 at 10x; 320->1280 @7 (2 x 8 against 3 x 8) 0.204/0.221 at 3x,
+    0.073/0.088 at 10x."""
+    return choose_row_tile(out_h, out_w, rows, lanes, registers,
+                           max_accumulators=registers // 2)
+
+
 def ring_group(rows: int, out_block: int) -> int:
     """Filter rows per unrolled group: a whole number of ring turns and of the output's
     channel blocks or a whole fraction of one, so every slot and every written lane is
@@ -147,7 +162,7 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
     ``F'`` the filters padded to whole groups (:func:`ring_group`; ``starts`` repeats
     its last entry there) and ``offsets`` from :func:`ring_offsets` on the grid
     :func:`.sparse_csr.row_tile_layout` gives. ``tile`` is the register tile of ``rows``
-    filters (:func:`.sparse_csr.choose_row_tile`)."""
+    filters (:func:`choose_ring_tile`)."""
     from tvm.script import tirx as T
 
     n, _, _, _, in_block = (int(v) for v in data_shape)
