@@ -478,7 +478,7 @@ class UnalignedBlockKernel(RowsKernel):
     with pixels as the vector axis every weight is a broadcast, so a block's offset
     wastes no lane, and each block is one tap wherever it starts. Measured (1 thread,
     Zen3, 4 x 1 blocks, against aligned blocks' register tiles at equal rate): 1x1
-    96->576 @14 1.10-1.12x their time at 3/5/10x, 320->1280 @7 0.99-1.05x; the
+    96->576 @14 0.93-1.04x their time at 2/3/5/10x, 320->1280 @7 0.94-1.02x; the
     register tiles of :class:`RowsKernel` (a block straddling two tiles stores a tap
     in each, 7393 taps against 4608 blocks at 3x) took 1.3-1.7x. Blocks taller than
     the ring run as two or more of its taps (:data:`RING_MIN_VECTORS`). With filters as
