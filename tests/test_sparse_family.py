@@ -463,6 +463,20 @@ def test_row_tile_choices_measured_on_avx2():
     assert cs.choose_row_tile(14, 14, 8, 8, 16).vectors == 1
 
 
+def test_ring_tile_leaves_half_the_registers_to_the_output_stage():
+    """Zen3 (1 thread, UBP 4 x 1, 10th percentiles): 2-vector ring tiles against the
+    3 a full register file allows, 96->576 @14 0.052/0.056 ms at 10x, 320->1280 @7
+    0.073/0.088 (:func:`sparse_ring.choose_ring_tile`)."""
+    assert cs.choose_row_tile(14, 14, 4, 8, 16).vectors == 3
+    assert sr.choose_ring_tile(14, 14, 4, 8, 16).vectors == 2
+    assert (sr.choose_ring_tile(7, 7, 4, 8, 16).height, sr.choose_ring_tile(7, 7, 4, 8, 16)
+            .width) == (2, 8)
+    for rows, registers in ((4, 16), (4, 32), (8, 32), (2, 16)):
+        tile = sr.choose_ring_tile(28, 28, rows, 8, registers)
+        assert rows * tile.vectors <= registers // 2
+    assert sr.choose_ring_tile(14, 14, 8, 8, 16).vectors == 1  # a ring of 4 runs instead
+
+
 # ------------------------------------------------------------------ through the pipeline
 
 
