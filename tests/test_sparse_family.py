@@ -399,7 +399,7 @@ w *= make_mask(w, UnalignedBlockSpec(rate=3, block=(4, 1)))
 x = rng.standard_normal((1, 64, 28, 28)).astype("float32")
 ring = sr.pack_ring(w, 4)
 spec = resolve_target("host")
-from tir_schedules.sparse_csr import choose_row_tile, row_tile_layout
+from tir_schedules.sparse_csr import row_tile_layout
 tile = sr.choose_ring_tile(28, 28, 4, 8, 16)
 shape = (1, 8, 28, 28, 8)
 f = sr.ring_conv2d(shape, ring.values.shape[0], 4, (1, 1), (0,) * 4, (1, 1), 128, (1, 1), tile, 8)
