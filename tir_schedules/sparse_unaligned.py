@@ -24,6 +24,14 @@ in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms, aligned 0.092/0.050/0.
 0.013. With SIMD-wide blocks a plane's tile holds few blocks (an eighth of an aligned
 tile's on AVX2, a sixteenth on AVX-512): the planes still win on 8 lanes, the rotated
 form was as fast or faster on 16 (``relay_passes.sparse_kernels.ROTATED_MIN_LANES``).
+Where SIMD-wide planes lose to aligned blocks (FC 1024->1000 in 8 x 1 blocks at 10x,
+Zen3, 1 thread, 10th percentiles of interleaved rounds): 0.0103 ms against 0.0079, and
+0.0019 with every count 0. The taps run the same loop as aligned tiles' (the same
+instructions per tap); the difference is the 1008 plane tiles against 126, each with
+its loop's setup, remainder and chain sum, about 2.7 ns. Equal counts in every tile
+ran no faster (the loop exits are not the cost), nor did one or four chains for two;
+one stream of every tap adding into its plane row in memory (no tiles: a load and a
+store per tap) ran slower, 0.0184 ms against 0.0147 for the planes and 0.0117 aligned.
 
 Format (:func:`pack_rotated`): group ``k + 1`` holds the blocks starting in output
 group ``k`` (group 0 is empty, so every group has a predecessor): ``values [groups,
