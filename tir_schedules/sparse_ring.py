@@ -34,18 +34,19 @@ copy is :func:`.sparse_csr.flat_input`'s: the same body, the same schedule.
 Where the time goes at high rates (1x1 96->576 @14 in 4 x 1 blocks at 10x, the 3 x 8
 tiles a full register file allows, Zen3, 1 thread, 10th percentiles of 30 interleaved
 rounds): 0.056 ms in all; 0.028 with every row's block count 0; 0.0077 without the
-output stage as well, 0.0016 without the padding copy too. So the blocks' FMAs take half, the output stage (the finished rows
-turned into ``NCHW{ob}c``, each pixel's channels from ``GR`` rows, and the 450 KB
-written) 0.021, the padding copy (blocked channels to planes) 0.006 and the row loops
-little. The gathered kernel on aligned SIMD-wide blocks needs neither layout change
-(filters are its vector lanes): 0.014 ms of its 0.039-0.057 are fixed costs, which is
-why it leads at 10x. Written as TIR shuffles, the transposition ran slower than LLVM's
-own lowering of the gather (one shuffle of the 4 rows: 0.062 ms; a two-stage unpack
-network: 0.092): the ring held 12 of AVX2's 16 registers across the output stage, so
-the shuffles spilled. With :func:`choose_ring_tile`'s tiles, which leave half of them
-free, the one-shuffle stage still ran no faster (0.0541 against 0.0532 ms). An output
-stage every 8-32 rows, its stage in memory and each pixel's whole channel block written
-at once, ran 4-8% slower than one every ring turn.
+output stage as well, 0.0016 without the padding copy too. So the blocks' FMAs take
+half, the output stage (the finished rows turned into ``NCHW{ob}c``, each pixel's
+channels from ``GR`` rows, and the 450 KB written) 0.021, the padding copy (blocked
+channels to planes) 0.006 and the row loops little. The gathered kernel on aligned
+SIMD-wide blocks needs neither layout change (filters are its vector lanes): 0.014 ms of
+its 0.039-0.057 are fixed costs, which is why it leads at 10x. Written as TIR shuffles,
+the transposition ran slower than LLVM's own lowering of the gather (one shuffle of the
+4 rows: 0.062 ms; a two-stage unpack network: 0.092): the ring held 12 of AVX2's 16
+registers across the output stage, so the shuffles spilled. With
+:func:`choose_ring_tile`'s tiles, which leave half of them free, the one-shuffle stage
+still ran no faster (0.0541 against 0.0532 ms). An output stage every 8-32 rows, its
+stage in memory and each pixel's whole channel block written at once, ran 4-8% slower
+than one every ring turn.
 
 Format (:func:`pack_ring`): ``values [blocks, GR]``, blocks ordered by start row;
 ``starts [rows + 1]``: row ``m``'s blocks are ``starts[m] .. starts[m + 1] - 1``;
