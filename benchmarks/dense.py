@@ -4,8 +4,8 @@
     python benchmarks/dense.py --threads 1 --models mobilenet_v2 --rounds 30
 
 Both engines get the same thread count. Each timing is the median of interleaved
-rounds after warm-up (the engines alternate, with a pause between them so their
-spinning thread pools do not slow each other). Layer rows give GFLOP/s and the share
+rounds after warm-up (the engines alternate, with a pause until the process is idle so
+their spinning thread pools do not slow each other). Layer rows give GFLOP/s and the share
 of the machine's fp32 peak, measured here by a register-only FMA kernel (no memory
 traffic) built for the same target and run on the same threads.
 """

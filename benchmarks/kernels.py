@@ -17,8 +17,8 @@ All engines get the same thread count (TVM's pool, resized in process, and
 onnxruntime's intra-op threads); by default every row is timed at ``TVM_NUM_THREADS``
 (else all CPUs) and again at 1 thread, the steadier figure on a shared machine. Each
 timing is the median of interleaved rounds after warm-up (engines alternate, rotating
-the order, with a pause between them so their spinning thread pools do not slow each
-other); a round times back-to-back calls for about ``--round-ms``, so the cache-cold
+the order, with a pause until the process is idle so their spinning thread pools do not
+slow each other); a round times back-to-back calls for about ``--round-ms``, so the cache-cold
 first call after the pause weighs little. GFLOP/s are dense-equivalent (the unpruned
 layer's FLOPs over the time). The sparse kernel's output is checked against numpy.
 """
@@ -261,7 +261,7 @@ def bench_layer(layer, rate, lanes, spec, cfg, thread_counts, rounds, round_ms):
         calls = {name: calls_per_round(fn, round_ms) for name, fn in engines.items()}
         timings = time_interleaved({name: repeat(fn, calls[name])
                                     for name, fn in engines.items()},
-                                   rounds=rounds, budget_s=30.0)
+                                   rounds=rounds, budget_s=30.0, warm_call=False)
         ms = {name: timings[name].median_ms / calls[name] for name in engines}
         rows.append(Row(name, rate, threads, float((pruned != 0).mean()), ms["sparse"],
                         ms["dense"], ms["ort"], timings["sparse"].rounds, flops / 1e9, err))

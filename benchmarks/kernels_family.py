@@ -175,7 +175,8 @@ def bench_rate(layer, x, weight, rate, schemes, lanes, target_spec, cfg, threads
     engines.update({label: case[0].run for label, case in cases.items()})
     calls = {n: base.calls_per_round(fn, round_ms) for n, fn in engines.items()}
     timings = time_interleaved({n: base.repeat(fn, calls[n]) for n, fn in engines.items()},
-                               rounds=rounds, budget_s=10.0 * len(engines))
+                               rounds=rounds, budget_s=10.0 * len(engines),
+                               warm_call=False)
     ms = {n: timings[n].median_ms / calls[n] for n in engines}
     fastest = {n: timings[n].min_ms / calls[n] for n in engines}
     return [Row(layer[0], label, kname, rate, threads, ms[label], ms["dense"], ms["ort"], err,

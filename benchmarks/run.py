@@ -6,17 +6,18 @@
     npas-tvm bench --suite [--quick]          # the same
 
 For each zoo model, in one run on this machine and with the same thread count for every
-engine: onnxruntime (dense model), MNN (dense, and its sparse mode on each pruned model),
-PyTorch eager, TVM dense (npas-tvm's untuned default schedules; tuned too with
+engine: onnxruntime (dense model), MNN (dense, and its sparse mode on each pruned
+model), PyTorch eager, TVM dense (npas-tvm's untuned default schedules; tuned too with
 ``--tuning-db``), and npas-tvm at each plan: ``rule`` (the rule-based plan at 3x) and
 ``uniform2/5/10`` (every layer at that rate, with the best scheme per layer type); with
-``--tune-trials N``, TVM dense and npas-tvm's rule plan are also tuned with N trials each
-(the same budget) and timed tuned. Every
-compiled model is checked against onnxruntime on its own (pruned) ONNX first. Latency is
-the median of interleaved rounds after warm-up (engines alternate, the order rotating,
-with a pause between them); min and max are printed too, and every ratio is against
-onnxruntime on the dense model. Results go to JSON (the README's results section is
-rendered from it by ``benchmarks/report.py``), a Markdown table and PNG plots.
+``--tune-trials N``, TVM dense and npas-tvm's rule plan are also tuned with N trials
+each (the same budget) and timed tuned. Every compiled model is checked against
+onnxruntime on its own (pruned) ONNX first. Latency is the median of interleaved rounds
+after warm-up (engines alternate, the order rotating, each timed call after an untimed
+one and a pause until the process is idle); min and max are printed too, and every ratio
+is against onnxruntime on the dense model. Results go to JSON (the README's results
+section is rendered from it by ``benchmarks/report.py``), a Markdown table and PNG
+plots.
 """
 
 from __future__ import annotations

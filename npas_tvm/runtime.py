@@ -2,7 +2,8 @@
 
 Both engines get the same thread count (``TVM_NUM_THREADS``; TVM's pool otherwise
 takes half the CPUs), and timings are medians of interleaved rounds after warm-up,
-with a pause between engines so their spinning thread pools do not slow each other.
+with a pause between engines until the process is idle, so that one engine's thread
+pool, still spinning after its call, does not slow the next (:func:`wait_until_idle`).
 """
 
 from __future__ import annotations
@@ -134,34 +135,68 @@ def _flatten(value) -> list[np.ndarray]:
     return out
 
 
+IDLE_CPU_SHARE = 0.25  # of one CPU: below it over a window, the process is idle
+IDLE_WINDOW_S = 0.02
+
+
+def wait_until_idle(max_s: float = 1.0) -> float:
+    """Sleep until this process's threads are idle (they used less than
+    :data:`IDLE_CPU_SHARE` of a CPU over :data:`IDLE_WINDOW_S`), or ``max_s``; the
+    seconds waited.
+
+    Thread pools spin after a call before they sleep. TVM's workers keep a CPU busy for
+    about 0.2 s (2 threads on a 2-CPU Zen3 host); an onnxruntime call that started 50 ms
+    after a TVM call took 22-24 ms instead of 6.6 (MobileNetV2), so a fixed short pause
+    between engines made TVM look 4x faster than onnxruntime."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        cpu = time.process_time()
+        time.sleep(IDLE_WINDOW_S)
+        if time.process_time() - cpu < IDLE_CPU_SHARE * IDLE_WINDOW_S:
+            break
+    return time.perf_counter() - start
+
+
 def time_interleaved(engines: dict[str, Callable[[], object]], rounds: int = 20,
                      warmup: int = 3, pause_s: float = 0.05,
-                     budget_s: float | None = 60.0) -> dict[str, Timing]:
+                     budget_s: float | None = 60.0,
+                     warm_call: bool = True) -> dict[str, Timing]:
     """Median latency of each engine, over rounds that alternate the engines.
 
-    Each round calls every engine once, rotating the order; the first ``warmup``
-    calls per engine are not timed. ``budget_s`` lowers ``rounds`` (to at least 3) for
-    slow engines so a demo stays short.
+    Each round runs every engine, rotating the order: an untimed call that wakes its
+    threads and warms its caches (``warm_call``; engines that are blocks of many calls
+    need none), then the timed call. The first ``warmup`` calls per engine are not
+    timed. After each engine the process waits at least ``pause_s`` and until it is
+    idle (:func:`wait_until_idle`), so no engine runs beside another's spinning
+    threads. ``budget_s`` lowers ``rounds`` (to at least 3) for slow engines so a demo
+    stays short.
     """
     names = list(engines)
-    first: dict[str, float] = {}
+    round_s: dict[str, float] = {}  # an engine's share of a round, from its first call
     for name in names:
         for i in range(max(warmup, 1)):
             start = time.perf_counter()
             engines[name]()
             if i == 0:
-                first[name] = time.perf_counter() - start
-        time.sleep(pause_s)
+                round_s[name] = (1 + warm_call) * (time.perf_counter() - start)
+        round_s[name] += _settle(pause_s)
     if budget_s is not None:
-        per_round = sum(first.values()) + pause_s * len(names)
-        rounds = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
+        rounds = max(3, min(rounds, int(budget_s / max(sum(round_s.values()), 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         order = names[index % len(names):] + names[:index % len(names)]
         for name in order:
+            if warm_call:
+                engines[name]()
             start = time.perf_counter()
             engines[name]()
             samples[name].append((time.perf_counter() - start) * 1e3)
-            time.sleep(pause_s)
+            _settle(pause_s)
     return {name: Timing(statistics.median(s), min(s), max(s), len(s))
             for name, s in samples.items()}
+
+
+def _settle(pause_s: float) -> float:
+    """Sleep ``pause_s``, then until the process is idle; the seconds it took."""
+    time.sleep(pause_s)
+    return pause_s + wait_until_idle()

@@ -112,3 +112,47 @@ def test_family_goals_add_the_fastest_rounds_where_the_rows_have_them():
                           row("block_based", 10, 1.0, 0.5), row("unaligned_block", 10, 1.1, 0.5)])
     assert lines[0].endswith("1.20 / 1.10 (goal <= 1.10: missed)")
     assert lines[1] == "L:   in each kernel's fastest round: 1.05 / 1.00"
+
+
+def _spin(seconds: float):
+    """A thread that keeps a CPU busy for ``seconds``, as a pool spinning after a call."""
+    import threading
+    import time
+
+    def busy():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_until_idle_outlasts_a_spinning_thread():
+    from npas_tvm.runtime import wait_until_idle
+
+    spinner = _spin(0.3)
+    waited = wait_until_idle(max_s=5.0)
+    spinner.join()
+    assert waited >= 0.2
+    assert wait_until_idle(max_s=5.0) < 0.5  # nothing spins now
+
+
+def test_no_engine_is_timed_beside_another_engines_spinning_threads():
+    """An engine whose call leaves a thread spinning (TVM's pool does for about 0.2 s)
+    must not overlap the next engine's calls, warm or timed."""
+    from npas_tvm.runtime import time_interleaved
+
+    spinners, overlaps = [], []
+
+    def leaves_a_spinner():
+        spinners.append(_spin(0.15))
+
+    def checks_for_spinners():
+        overlaps.append(any(thread.is_alive() for thread in spinners))
+
+    timings = time_interleaved({"spins": leaves_a_spinner, "checks": checks_for_spinners},
+                               rounds=4, warmup=1, budget_s=None)
+    assert timings["checks"].rounds == 4
+    assert len(overlaps) == 1 + 2 * 4 and not any(overlaps)
