@@ -99,4 +99,17 @@ def test_demo_builds_dense_and_sparse_and_prints_the_table(tmp_path, capsys):
     assert code == 0, out + err
     assert out.count("(OK)") == 2 and "MISMATCH" not in out
     row = next(line for line in out.splitlines() if line.startswith("| vgg_cifar |"))
-    assert len(row.split("|")) == 10 and "faster" in row
+    assert len(row.split("|")) == 10
+    assert all(cell.strip().endswith(("x faster", "x slower")) for cell in row.split("|")[5:7])
+
+
+def test_demo_table_says_slower_where_the_sparse_build_is_slower(capsys):
+    from npas_tvm.commands.demo import print_table
+    from npas_tvm.runtime import Timing
+
+    def timing(ms):
+        return Timing(ms, ms, ms, 20)
+
+    print_table([("m", {"sparse": timing(6.6), "dense": timing(8.3), "ort": timing(6.0)})])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| m | 6.60 | 8.30 | 6.00 | 1.10x slower | 1.26x faster | 1.38x | 20 |"

@@ -106,7 +106,11 @@ def print_table(rows) -> None:
         cells = [f"{dense:.2f}", f"{ort:.2f}"]
         if sparse:
             fast = t["sparse"].median_ms
-            cells = [f"{fast:.2f}", *cells, f"{ort / fast:.2f}x faster",
-                     f"{dense / fast:.2f}x faster"]
+            cells = [f"{fast:.2f}", *cells, speed(ort / fast), speed(dense / fast)]
         cells += [f"{dense / ort:.2f}x", str(t["dense"].rounds)]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def speed(ratio: float) -> str:
+    """A time ratio (other / ours) as words: ``1.23x faster`` or ``1.11x slower``."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
