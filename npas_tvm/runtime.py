@@ -147,7 +147,7 @@ def wait_until_idle(max_s: float = 1.0) -> float:
     Thread pools spin after a call before they sleep. TVM's workers keep a CPU busy for
     about 0.2 s (2 threads on a 2-CPU Zen3 host); an onnxruntime call that started 50 ms
     after a TVM call took 22-24 ms instead of 6.6 (MobileNetV2), so a fixed short pause
-    between engines made TVM look 4x faster than onnxruntime."""
+    between engines made onnxruntime look 3.5 times slower than it is."""
     start = time.perf_counter()
     while time.perf_counter() - start < max_s:
         cpu = time.process_time()
