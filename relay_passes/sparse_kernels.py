@@ -362,12 +362,14 @@ class RowsKernel(PixelKernel):
         self.relative_speed = 0.25 if self.candidates == (1,) else 0.35
 
     @staticmethod
-    def _row_tile(geometry: LayerGeometry, rows: int):
-        """The register tile of ``rows`` filter rows on the current target, or None."""
+    def _row_tile(geometry: LayerGeometry, rows: int, choose=None):
+        """The register tile of ``rows`` filter rows on the current target, or None:
+        ``choose``'s (:func:`.sparse_csr.choose_row_tile`'s where None)."""
         from tir_schedules.sparse_csr import choose_row_tile
 
         lanes = _target_lanes()
-        return choose_row_tile(*geometry.output_size(), rows, lanes, _target_registers(lanes))
+        return (choose or choose_row_tile)(*geometry.output_size(), rows, lanes,
+                                           _target_registers(lanes))
 
     def _rows(self, weight: np.ndarray, geometry: LayerGeometry) -> int:
         from tir_schedules.sparse_csr import choose_rows, row_tile_cost, straddle_entries
@@ -557,8 +559,7 @@ class UnalignedBlockKernel(RowsKernel):
         if (_target_family() not in CPU_FAMILIES or geometry.groups != 1
                 or geometry.kind == DEPTHWISE or rows > geometry.out_channels):
             return None
-        lanes = _target_lanes()
-        tile = choose_ring_tile(*geometry.output_size(), rows, lanes, _target_registers(lanes))
+        tile = self._row_tile(geometry, rows, choose_ring_tile)
         return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None
 
     def _ring_rows(self, geometry: LayerGeometry, rows: int) -> int | None:
