@@ -456,11 +456,12 @@ ROTATED_MIN_LANES = 16
 """SIMD-wide UBP blocks of a GEMM are stored rotated on vectors at least this wide, else
 on phase planes. A rotated block costs two masked FMAs and three vector loads (the
 values, two masks), a plane's block one FMA and one load, but each of the ``lanes``
-planes has its own tiles (their tap loops, exits and partial sums). On AVX-512 (16
-planes, Zen4, FC 1024->1000 in 16 x 1 blocks at 2/5/10x) rotated 0.068/0.018/0.0096 ms
-against planes 0.098/0.016/0.0092 (measured before the planes' chains were summed at
-the tile); on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/0.026/0.013
-against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009)."""
+planes has its own tiles. On AVX-512 (16 planes, Zen4, FC 1024->1000 in 16 x 1 blocks
+at 2/5/10x) rotated 0.068/0.018/0.0096 ms against planes of one tap loop per tile
+0.098/0.016/0.0092; on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/
+0.026/0.013 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009). The phase
+tiles that now run four tiles a loop (``tir_schedules.sparse_unaligned``) have not been
+measured on 16 lanes."""
 
 
 RING_MIN_VECTORS = 2
@@ -494,8 +495,9 @@ class UnalignedBlockKernel(RowsKernel):
     vectors: at batch 1 they are bound by their weights' bytes, which the two pieces
     would double. Shorter blocks (a rotated vector would be mostly zeros), and
     SIMD-wide ones on narrower vectors (:data:`ROTATED_MIN_LANES`), go to phase planes
-    of tiles of about their height (``pack_phases``): each block aligned in the tiling
-    shifted by its start row, one tap, then a sum over the planes. FC
+    of tiles of about their height (``pack_phase_tiles``): each block aligned in the
+    tiling shifted by its start row, one tap, the tiles four to a tap loop, then a sum
+    over the planes. FC
     1024->1000 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
     blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
     0.157/-/0.081/0.032). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
@@ -520,7 +522,7 @@ class UnalignedBlockKernel(RowsKernel):
         return lanes
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        from tir_schedules.sparse_unaligned import pack_phases, pack_rotated
+        from tir_schedules.sparse_unaligned import pack_phase_tiles, pack_rotated
 
         pixels = geometry.output_pixels()
         tile = self._tile(geometry)
@@ -532,9 +534,10 @@ class UnalignedBlockKernel(RowsKernel):
                 return Packed(rotated, int(np.count_nonzero(weight)) * pixels,
                               2 * rotated.blocks() * rotated.lanes * pixels)
             self.name = "unaligned_phases"
-            phased = pack_phases(weight, min(t for t in (4, 8, tile) if t >= min(rows, tile)))
+            height = min(t for t in (4, 8, tile) if t >= min(rows, tile))
+            phased = pack_phase_tiles(weight, height)
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
-                          phased.gathered.kept_macs_per_pixel() * pixels)
+                          phased.kept_taps() * height * pixels)
         if tile is None:
             ring_rows = self._ring_rows(geometry, int(spec.block[0]))
             if ring_rows is None:
@@ -604,18 +607,21 @@ class UnalignedBlockKernel(RowsKernel):
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
         from tvm import relax
 
-        from tir_schedules.sparse_unaligned import (PhaseBlocks, RotatedBlocks, flat_taps,
-                                                    lane_masks, phase_dense, unaligned_dense)
+        from tir_schedules.sparse_unaligned import (PhaseTiles, RotatedBlocks, lane_masks,
+                                                    phase_row_tile, phase_tiles_dense,
+                                                    unaligned_dense)
 
-        if isinstance(packed.arrays, PhaseBlocks):
+        if isinstance(packed.arrays, PhaseTiles):
             phased = packed.arrays
-            chains = _gemm_chains(phased.gathered, geometry)
-            flat = flat_taps(phased.gathered, chains)
-            constants = [relax.const(a) for a in (flat.values, flat.columns, flat.offsets,
-                                                  flat.counts)]
-            return bb.call_te(phase_dense, data, *constants, geometry.out_channels, chains,
-                              phased.phases, phased.plane_rows, flat.most,
-                              primfunc_name_hint="sparse_dense")
+            batch = int(np.prod(geometry.data_shape[:-1]))
+            row_tile = phase_row_tile(batch, phased.tiles, _target_registers(_target_lanes()))
+            func = phase_tiles_dense(batch, phased.in_features, phased.out_features,
+                                     phased.values.shape[0], phased.counts.size,
+                                     phased.tiles, phased.height, phased.groups, row_tile)
+            return call_primfunc(bb, func, "sparse_dense", data,
+                                 (phased.values, phased.columns, phased.offsets,
+                                  phased.counts, phased.rows),
+                                 (batch, geometry.out_channels))
         if isinstance(packed.arrays, RotatedBlocks):
             rotated = packed.arrays
             constants = [relax.const(a) for a in (rotated.values, rotated.columns,

@@ -235,7 +235,7 @@ def layer_kernel(geometry: Geometry, spec: SchemeSpec, target_spec) -> LayerKern
     from npas_tvm.model_io import LoadedModel
     from relay_passes import AnnotatePruning, ApplyPruning
     from tir_schedules import (
-        apply_template, default_config, finish_schedule, pixel_sparse_templates)
+        apply_template, default_config, finish_schedule, prefixed_templates)
     from tvm.s_tir import meta_schedule as ms
 
     proto = layer_onnx(geometry)
@@ -248,7 +248,7 @@ def layer_kernel(geometry: Geometry, spec: SchemeSpec, target_spec) -> LayerKern
                                         ApplyPruning()])(mod)
     # every kernel of the layer, however small, pattern-like pixel kernels included
     tasks = tuning.extract_tasks(mod, target_spec, min_flops=0,
-                                 families=(*tuning.TUNED_FAMILIES, *pixel_sparse_templates()))
+                                 families=(*tuning.TUNED_FAMILIES, *prefixed_templates()))
     if not tasks:
         raise LatencyError(f"no kernel found for {geometry.op_type} {geometry.weight_shape}")
     task = tasks[0]  # the layer's conv / matmul (the heaviest kernel)

@@ -615,7 +615,7 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
                 assert packed.arrays.lanes == lanes
             else:
                 assert kernel.name == "unaligned_phases"
-                assert packed.arrays.phases == max(min(rows, lanes), 4)
+                assert packed.arrays.height == max(min(rows, lanes), 4)
 
 
 @pytest.mark.parametrize("target_name", ["host", "arm-cpu", "mali"])
@@ -719,39 +719,107 @@ def test_unaligned_dense_matches_numpy(seed, rows, out_features, in_features, la
 
 @PACK
 @given(seed=st.integers(0, 10**6), out_features=st.integers(1, 70),
-       in_features=st.integers(1, 30), rows=st.sampled_from([4, 8, 16]),
-       ubp=st.booleans(), rate=st.sampled_from([2, 3, 5]))
-def test_phase_planes_sum_back_to_the_weight(seed, out_features, in_features, rows, ubp,
-                                             rate):
-    """Each block lands on its phase's plane, aligned, one tap each (UBP masks) or
-    covering every nonzero (any mask); the planes' rows summed at their shifts give the
-    weight back."""
-    weight = _ubp_weight(seed, out_features, in_features, rows, ubp, rate)
-    packed = su.pack_phases(weight, rows)
-    stacked = packed.gathered.unpack()
-    assert stacked.shape == (rows * packed.plane_rows, in_features)
-    m = np.arange(out_features)
-    back = sum(stacked[s * packed.plane_rows + rows + m - s] for s in range(rows))
-    np.testing.assert_array_equal(back, weight)
-    if ubp and out_features >= rows:
-        assert packed.gathered.kept_macs_per_pixel() == np.count_nonzero(weight)
+       in_features=st.integers(1, 30), height=st.sampled_from([4, 8, 16]),
+       ubp=st.booleans(), rate=st.sampled_from([2, 3, 5, 10]),
+       tiles=st.sampled_from([1, 2, 4, 8]))
+def test_phase_tiles_pack_back_to_the_weight(seed, out_features, in_features, height, ubp,
+                                             rate, tiles):
+    """Every (phase, group) tile is in exactly one loop (spare rows only for the last
+    loop's padding), a loop runs as many taps as its fullest tile, the tiles sorted by
+    count go together, and the taps unpacked give the weight back: one tap a block for
+    a UBP mask, every nonzero covered for any other."""
+    weight = _ubp_weight(seed, out_features, in_features, height, ubp, rate)
+    packed = su.pack_phase_tiles(weight, height, tiles)
+    np.testing.assert_array_equal(packed.unpack(), weight)
+    assert packed.tiles == tiles and packed.rows.size == packed.counts.size * tiles
+    real = packed.rows[packed.rows < height * packed.plane_rows]
+    assert sorted(real) == sorted(s * packed.plane_rows + g + 1 for s in range(height)
+                                  for g in range(packed.groups))
+    assert len(set(packed.rows.tolist())) == packed.rows.size  # spare rows too
+    assert packed.values.shape[0] == max(1, int(packed.counts.sum()) * tiles)
+    assert (np.diff(packed.offsets) == packed.counts[:-1] * tiles).all()
+    assert (np.diff(packed.counts) >= 0).all()  # sorted by count: little padding
+    if ubp and out_features >= height:
+        assert packed.kept_taps() * height == np.count_nonzero(weight)
+
+
+def _run_phase_tiles(weight: np.ndarray, x: np.ndarray, height: int, tiles: int,
+                     row_tile: int) -> np.ndarray:
+    """The phase-tile GEMM of ``weight`` built for the host with its template and run
+    on ``x``."""
+    import tvm
+
+    from tir_schedules import kernel_family, schedule_primfunc
+
+    packed = su.pack_phase_tiles(weight, height, tiles)
+    func = su.phase_tiles_dense(x.shape[0], weight.shape[1], weight.shape[0],
+                                packed.values.shape[0], packed.counts.size, tiles, height,
+                                packed.groups, row_tile)
+    assert kernel_family(func) == "sparse_phase_tiles"
+    spec, cfg = _host()
+    scheduled = schedule_primfunc(func, cfg)
+    assert scheduled is not None
+    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
+    got = tvm.runtime.empty((x.shape[0], weight.shape[0]), "float32", tvm.cpu())
+    arrays = [x, packed.values, packed.columns, packed.offsets, packed.counts, packed.rows]
+    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], got)
+    return got.numpy()
 
 
 @BUILD
-@given(seed=st.integers(0, 10**6), batch=st.integers(1, 3), out_features=st.integers(1, 40),
-       in_features=st.integers(1, 40), rows=st.sampled_from([4, 16]),
-       chains=st.sampled_from([1, 2]))
-def test_phase_planes_dense_matches_numpy(seed, batch, out_features, in_features, rows,
-                                          chains):
-    weight = _ubp_weight(seed, out_features, in_features, rows, False, 2.5)
-    packed = su.pack_phases(weight, rows)
-    flat = su.flat_taps(packed.gathered, chains)
+@given(seed=st.integers(0, 10**6), batch=st.sampled_from([1, 2, 3, 4]),
+       out_features=st.integers(1, 40), in_features=st.integers(1, 40),
+       height=st.sampled_from([4, 8, 16]), tiles=st.sampled_from([1, 2, 4]),
+       ubp=st.booleans())
+def test_phase_tiles_dense_matches_numpy(seed, batch, out_features, in_features, height,
+                                         tiles, ubp):
+    """Any batch (in row tiles dividing it), ragged outputs, tiles of any height, loops
+    of any tile count, and masks with empty tiles."""
+    weight = _ubp_weight(seed, out_features, in_features, height, ubp, 2.5)
     x = np.random.default_rng(seed + 1).standard_normal((batch, in_features)).astype("float32")
-    got = _run_gemm([x, flat.values, flat.columns, flat.offsets, flat.counts],
-                    lambda *ph: su.phase_dense(*ph, out_features, chains, packed.phases,
-                                               packed.plane_rows, flat.most),
-                    batch, out_features)
+    row_tile = su.phase_row_tile(batch, tiles, 16)
+    assert batch % row_tile == 0 and (tiles * row_tile + row_tile + 1 <= 16 or row_tile == 1)
+    got = _run_phase_tiles(weight, x, height, tiles, row_tile)
     _close(got, x.astype(np.float64) @ weight.T)
+
+
+PHASE_THREADS_SCRIPT = """
+import numpy as np, tvm
+from tir_schedules import default_config, schedule_primfunc, sparse_unaligned as su
+from tir_schedules.lowering import cpu_pipeline
+from npas_tvm.targets import resolve_target
+from npas_tvm.schemes import UnalignedBlockSpec, make_mask
+rng = np.random.default_rng(0)
+w = rng.standard_normal((1000, 512)).astype("float32")
+w *= make_mask(w, UnalignedBlockSpec(rate=3, block=(8, 1)))
+x = rng.standard_normal((2, 512)).astype("float32")
+p = su.pack_phase_tiles(w, 8)
+f = su.phase_tiles_dense(2, 512, 1000, p.values.shape[0], p.counts.size, p.tiles, 8, p.groups,
+                         su.phase_row_tile(2, p.tiles, 16))
+scheduled = schedule_primfunc(f, default_config(resolve_target("host")))
+assert "T.parallel" in str(scheduled)  # else this test would run one thread
+lib = tvm.compile(scheduled, resolve_target("host").tvm_target, tir_pipeline=cpu_pipeline())
+args = [tvm.runtime.tensor(np.ascontiguousarray(a))
+        for a in (x, p.values, p.columns, p.offsets, p.counts, p.rows)]
+out = tvm.runtime.empty((2, 1000), "float32", tvm.cpu())
+for _ in range(20):
+    lib(*args, out)
+    assert np.abs(out.numpy() - x @ w.T).max() < 1e-3 * np.abs(x @ w.T).max()
+print("ok")
+"""
+
+
+def test_phase_tiles_own_their_accumulators_across_threads():
+    """Each parallel loop of tiles allocates its own accumulators: the kernel run on 2
+    threads, 20 times, matches numpy."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", PHASE_THREADS_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.slow

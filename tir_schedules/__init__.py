@@ -36,7 +36,7 @@ def kernel_family(func) -> str:
     from tir_schedules.generic import _is_reduction
 
     sch = tvm.s_tir.Schedule(func)
-    for family, (prefix, _) in pixel_sparse_templates().items():
+    for family, (prefix, _) in prefixed_templates().items():
         if find_block(sch, prefix) is not None:
             return family
     if find_block(sch, sparse_conv.SPARSE_CONV_BLOCK) is not None:
@@ -80,7 +80,7 @@ def apply_template(func, cfg: CpuScheduleConfig):
                  "reduction": generic.schedule_reduction,
                  "injective": generic.schedule_injective,
                  **{family: template for family, (_, template)
-                    in pixel_sparse_templates().items()}}
+                    in prefixed_templates().items()}}
     try:
         family = kernel_family(func)
     except Exception:  # no root block (hand-written TIR): not ours to schedule
@@ -94,13 +94,15 @@ def apply_template(func, cfg: CpuScheduleConfig):
     return sch, family
 
 
-def pixel_sparse_templates() -> dict:
-    """Family -> (block-name prefix, CPU template) of the pixel-vectorized sparse kernels
-    (UBP's ring, pattern, row-sparse); checked before the gathered kernels, whose prefix
-    theirs extend."""
-    from tir_schedules import sparse_csr, sparse_pattern, sparse_ring
+def prefixed_templates() -> dict:
+    """Family -> (block-name prefix, CPU template) of the sparse kernels found by a block
+    of their own: the pixel-vectorized ones (UBP's ring, pattern, row-sparse) and UBP's
+    phase tiles; checked before the gathered kernels, whose prefix theirs extend."""
+    from tir_schedules import sparse_csr, sparse_pattern, sparse_ring, sparse_unaligned
 
     return {"sparse_ring": (sparse_ring.RING_ROWS_BLOCK, sparse_ring.schedule_ring_conv2d),
+            "sparse_phase_tiles": (sparse_unaligned.PHASE_TILES_BLOCK,
+                                   sparse_unaligned.schedule_phase_tiles),
             "sparse_pattern_entries": (sparse_pattern.PATTERN_ENTRY_BLOCK,
                                        sparse_pattern.schedule_pattern_entries),
             "sparse_pattern": (sparse_pattern.PATTERN_CONV_BLOCK,
@@ -110,10 +112,11 @@ def pixel_sparse_templates() -> dict:
 
 def finish_schedule(scheduled, family: str):
     """The TIR rewrites a template needs after its schedule primitives (not traced)."""
-    from tir_schedules import sparse_conv, sparse_ring
+    from tir_schedules import sparse_conv
+    from tir_schedules.common import parallel_marked_loops
 
-    if family == "sparse_ring":
-        return sparse_ring.finish_ring_schedule(scheduled)
+    if family in ("sparse_ring", "sparse_phase_tiles"):  # hand-written TIR
+        return parallel_marked_loops(scheduled)
     if family.startswith("sparse"):  # padded taps: bound each block's loop by its count
         return sparse_conv.bound_tap_loops(scheduled)
     return scheduled

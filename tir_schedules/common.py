@@ -26,6 +26,39 @@ def loop_extents(sch, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
 
 
+def vectorize_flat(sch, block, lanes: int) -> None:
+    """``block``'s loops fused and vectorized by the widest power of two up to ``lanes``
+    that divides them."""
+    flat = sch.fuse(*sch.get_loops(block))
+    extent = int(sch.get(flat).extent)
+    width = max(w for w in (1, 2, 4, 8, 16, 32, 64) if w <= lanes and extent % w == 0)
+    _, inner = sch.split(flat, [None, width])
+    sch.vectorize(inner)
+
+
+PARALLEL_ATTR = "npas_parallel"  # a loop for parallel_marked_loops to make parallel
+
+
+def parallel_marked_loops(func):
+    """``func`` with the loops a schedule annotated :data:`PARALLEL_ATTR` made parallel.
+
+    For hand-written kernels whose opaque blocks read and write their own accumulators:
+    the schedule primitive refuses them (it checks the blocks under the loop), though
+    each iteration owns its accumulators and its share of the output."""
+    import tvm_ffi
+    from tvm import tirx
+
+    def mutate_for(node, mutator):
+        node = mutator.default_mutate(node)
+        if PARALLEL_ATTR not in node.annotations:
+            return node
+        annotations = {k: v for k, v in node.annotations.items() if k != PARALLEL_ATTR}
+        return tirx.For(node.loop_var, node.min, node.extent, tirx.ForKind.PARALLEL,
+                        node.body, node.thread_binding, annotations)
+
+    return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.For, mutate_for)]))
+
+
 def largest_divisor(n: int, cap: int) -> int:
     """The largest divisor of ``n`` that is at most ``cap`` (at least 1): a split
     factor that needs no predicate."""

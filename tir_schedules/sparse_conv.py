@@ -59,7 +59,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tir_schedules.common import find_block, fuse_epilogue, loop_extents
+from tir_schedules.common import find_block, fuse_epilogue, loop_extents, vectorize_flat
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.conv2d import PAD_BLOCK, _output_size
 
@@ -67,7 +67,6 @@ SPARSE_CONV_BLOCK = "npas_sparse_conv2d_nchwc"
 SPARSE_DENSE_BLOCK = "npas_sparse_dense"
 OFFSET_BLOCK = "npas_sparse_tap_offsets"
 DENSE_ROWS_BLOCK = "npas_gathered_rows"  # sparse_dense's [N, blocks, bf] -> [N, M]
-PHASE_PLANES_BLOCK = "npas_phase_planes"  # the phase-plane GEMM's chains summed per tile
 TAP_AXIS = "tap"
 SMALL_MAP = 64
 """Output maps of at most this many pixels (7x7) take the (image, block, row) parallel
@@ -437,37 +436,23 @@ def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
     -> rows of the tile (unrolled) -> the ``bf`` outputs of the block (vector); the
     epilogue writes the block's outputs (the last, ragged block's real ones)."""
     dense = find_block(sch, SPARSE_DENSE_BLOCK)
-    planes = find_block(sch, PHASE_PLANES_BLOCK)
     loops = sch.get_loops(dense)
     i, b, *chain, o, tap = loops  # chain: the partial sums of sparse_dense(chains > 1)
     rows, blocks, *chains, block, max_taps = loop_extents(sch, dense)
     work = 2 * rows * blocks * block * max_taps * (chains[0] if chains else 1)
-    out = fuse_epilogue(sch, planes or dense, producers=[dense])
+    out = fuse_epilogue(sch, dense, producers=[dense])
     r_tile = pixel_tile(rows, block, cfg)
     i_o, i_i = sch.split(i, [None, r_tile])
     sch.reorder(i_o, b, tap, i_i, *chain, o)
     outer = sch.fuse(i_o, b)
-    if planes is not None:  # chains summed at the tile, the planes read across tiles
-        sch.set_scope(planes, 0, "global")
-        sch.set_scope(dense, 0, cfg.sparse_accumulator_scope)
-        sch.reverse_compute_at(planes, outer)
-        *unrolled, o_planes = sch.get_loops(planes)[1:]  # rows of the tile, outputs
-        if chains[0] > 1:  # a chain loop last (one chain leaves none): outside the vector
-            *unrolled, o_planes, chain_loop = [*unrolled, o_planes]
-            sch.reorder(chain_loop, o_planes)
-            unrolled.append(chain_loop)
-        for loop in unrolled:
-            sch.unroll(loop)
-        sch.vectorize(o_planes)
-        _vectorize_flat(sch, out, cfg.lanes)
-    elif chain:  # the partial sums leave the tile; the epilogue adds them up on its own
+    if chain:  # the partial sums leave the tile; the epilogue adds them up on its own
         from tir_schedules.sparse_csr import unroll_tile
 
         sch.set_scope(dense, 0, "global")
         acc = sch.cache_write(dense, 0, cfg.sparse_accumulator_scope)
         sch.reverse_compute_at(acc, outer)
         unroll_tile(sch, acc, cfg.lanes, at=outer)
-        _vectorize_flat(sch, out, cfg.lanes)
+        vectorize_flat(sch, out, cfg.lanes)
     else:
         sch.set_scope(dense, 0, cfg.sparse_accumulator_scope)
         _finish_tile(sch, out, outer)
@@ -478,15 +463,6 @@ def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
     sch.vectorize(o)
     sch.decompose_reduction(dense, tap)
 
-
-def _vectorize_flat(sch, block, lanes: int) -> None:
-    """``block``'s loops fused and vectorized by the widest power of two up to ``lanes``
-    that divides them."""
-    flat = sch.fuse(*sch.get_loops(block))
-    extent = int(sch.get(flat).extent)
-    width = max(w for w in (1, 2, 4, 8, 16, 32, 64) if w <= lanes and extent % w == 0)
-    _, inner = sch.split(flat, [None, width])
-    sch.vectorize(inner)
 
 
 # --- the data-dependent tap bound --------------------------------------------------------

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tir_schedules.common import find_block, loop_extents
+from tir_schedules.common import PARALLEL_ATTR, find_block, loop_extents
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, choose_row_tile,
                                       flat_input_attrs, flat_input_value, row_tile_layout)
@@ -67,7 +67,6 @@ from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, choos
 RING_ROWS_BLOCK = "npas_ring_rows"  # one filter row's blocks into the ring (opaque)
 RING_INIT_BLOCK = "npas_ring_init"
 RING_OUT_BLOCK = "npas_ring_out"  # a group of finished rows to the blocked output
-PARALLEL_ATTR = "npas_parallel"  # a loop for finish_ring_schedule to make parallel
 
 
 @dataclass(frozen=True)
@@ -297,21 +296,3 @@ def _ring_extents(sch) -> tuple[int, int, int]:
     flat, values = (region.source for region in  # its reads, as ring_conv2d lists them
                     sch.get(find_block(sch, RING_ROWS_BLOCK)).reads[:2])
     return int(flat.shape[0]), int(values.shape[0]), int(values.shape[1])
-
-
-def finish_ring_schedule(func):
-    """``func`` with the loops :func:`schedule_ring_conv2d` marked made parallel: every
-    tile owns its ring and its output (the schedule primitive checks the blocks under
-    the loop, and the ring's opaque blocks read and write their accumulators)."""
-    import tvm_ffi
-    from tvm import tirx
-
-    def mutate_for(node, mutator):
-        node = mutator.default_mutate(node)
-        if PARALLEL_ATTR not in node.annotations:
-            return node
-        annotations = {k: v for k, v in node.annotations.items() if k != PARALLEL_ATTR}
-        return tirx.For(node.loop_var, node.min, node.extent, tirx.ForKind.PARALLEL,
-                        node.body, node.thread_binding, annotations)
-
-    return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.For, mutate_for)]))

@@ -1,4 +1,4 @@
-"""Unaligned-block (UBP) GEMM: one rotated weight vector per block, or phase planes.
+"""Unaligned-block (UBP) GEMM: one rotated weight vector per block, or phase tiles.
 
 Lee & Shin, "Unaligned Block Pruning", 2024: a kept block is ``GR`` consecutive output
 rows of one input column, starting at any row. With the output rows as the vector axis
@@ -16,22 +16,26 @@ bytes of an aligned block. FC 1024->1000 in 16 x 1 blocks (AVX-512, 1 thread): 0
 pieces and 0.046, 0.018, 0.010, 0.005 for aligned blocks.
 
 Blocks shorter than the vector would leave a rotated vector mostly zeros; they go to
-phase planes instead (:func:`pack_phases`): a block starting at row ``GR g + s`` is
-aligned in the tiling shifted by ``s``, so the blocks of each phase ``s`` form an
-aligned block-sparse weight of their own, one tap per block in tiles of ``GR`` rows,
-and the output sums the planes at their shifts (:func:`phase_dense`). FC 1024->1000
-in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms, aligned 0.092/0.050/0.027/
-0.013. With SIMD-wide blocks a plane's tile holds few blocks (an eighth of an aligned
-tile's on AVX2, a sixteenth on AVX-512): the planes still win on 8 lanes, the rotated
-form was as fast or faster on 16 (``relay_passes.sparse_kernels.ROTATED_MIN_LANES``).
-Where SIMD-wide planes lose to aligned blocks (FC 1024->1000 in 8 x 1 blocks at 10x,
-Zen3, 1 thread, 10th percentiles of interleaved rounds): 0.0103 ms against 0.0079, and
-0.0019 with every count 0. The taps run the same loop as aligned tiles' (the same
-instructions per tap); the difference is the 1008 plane tiles against 126, each with
-its loop's setup, remainder and chain sum, about 2.7 ns. Equal counts in every tile
-ran no faster (the loop exits are not the cost), nor did one or four chains for two;
-one stream of every tap adding into its plane row in memory (no tiles: a load and a
-store per tap) ran slower, 0.0184 ms against 0.0147 for the planes and 0.0117 aligned.
+phase planes instead (:func:`pack_phase_tiles`), and so do SIMD-wide ones on 8 lanes
+(``relay_passes.sparse_kernels.ROTATED_MIN_LANES``): with tiles of ``h`` rows (about
+the block's height), a block starting at row ``h g + s`` is aligned in the tiling
+shifted by ``s``, one tap of plane ``s``'s tile ``g``, and output ``m`` sums row ``m -
+s`` of every plane. A plane's tile holds an ``h``-th of an aligned tile's blocks, so
+one tap loop per tile paid its setup, exit and partial sums ``h`` times as often as
+aligned blocks do: FC 1024->1000 in 8 x 1 blocks at 10x (Zen3, 1 thread, 10th
+percentiles of interleaved rounds) 0.0103 ms against 0.0079, 0.0019 with every count 0,
+about 2.7 ns for each of 1008 tiles against 126 (equal counts in every tile, one or
+four chains for two, and one stream of every tap adding into its plane row in memory
+were no faster). So the tiles, sorted by tap count, run :data:`TILES_PER_LOOP` to a
+loop, side by side: a loop's setup and exit serve four tiles, their accumulators are
+four independent chains (no partial sums to add), and a tile pads few zero taps up to
+its loop's most (0.5% more taps at 10x). A tile's sum goes to its plane row, a
+scatter, which TE cannot write: the kernel is TIR (:func:`phase_tiles_dense`). Two
+other ways to fewer loops ran slower (same layer and rate, against aligned blocks in
+the same run): rotated vectors with one masked FMA a block (the tail's; the head is
+the total less the tail) 1.67x, and one loop per group of rows whose running sum is
+stored to its tile's slot after every pair of taps (a tile's sum the difference of two
+slots) 1.35x, where one loop per tile took 1.26x.
 
 Format (:func:`pack_rotated`): group ``k + 1`` holds the blocks starting in output
 group ``k`` (group 0 is empty, so every group has a predecessor): ``values [groups,
@@ -47,9 +51,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tir_schedules.sparse_conv import (DENSE_ROWS_BLOCK, PHASE_PLANES_BLOCK,
-                                       SPARSE_DENSE_BLOCK, TAP_AXIS, GatheredWeights,
-                                       pack_gathered, sum_partials)
+from tir_schedules.common import PARALLEL_ATTR, find_block, vectorize_flat
+from tir_schedules.config import CpuScheduleConfig
+from tir_schedules.sparse_conv import DENSE_ROWS_BLOCK, SPARSE_DENSE_BLOCK, TAP_AXIS
 
 
 @dataclass(frozen=True)
@@ -168,111 +172,218 @@ def unaligned_dense(data, values, columns, shifts, counts, masks, out_features: 
                       name=DENSE_ROWS_BLOCK)
 
 
+# --- phase planes: blocks shorter than the vector, and SIMD-wide ones on 8 lanes ---------
+
+PHASE_TILES_BLOCK = SPARSE_DENSE_BLOCK + "_phase_tiles"  # the family's block (a prefix)
+PHASE_MARGIN_BLOCK = "npas_phase_margin"
+PHASE_SUM_BLOCK = "npas_phase_sum"
+TILES_PER_LOOP = 4
+"""Plane tiles one tap loop runs side by side (:func:`pack_phase_tiles`). FC 1024->1000
+in 8 x 1 blocks (Zen3, 1 thread, 10th percentiles of 40 interleaved rounds), phase tiles
+/ aligned blocks at 2/3/5/10x: 1.06/1.02/1.05/1.07 with 4 tiles a loop, 1.05/1.02/
+1.07/1.16 with 2, 1.03/1.02/1.07/1.10 with 8; one loop per tile (its taps in two
+chains, summed at the tile) 1.07/1.07/1.08/1.27."""
+
+
 @dataclass(frozen=True)
-class PhaseBlocks:
-    """A UBP-pruned ``[M, K]`` weight as aligned blocks on phase planes (:func:`pack_phases`)."""
+class PhaseTiles:
+    """A UBP-pruned ``[M, K]`` weight on phase planes, its tiles batched by tap count
+    (:func:`pack_phase_tiles`).
 
-    gathered: GatheredWeights  # of the [phases * plane_rows, K] stacked weight
-    phases: int
-    plane_rows: int
+    Loop ``b`` runs ``tiles`` plane tiles: its tap ``i`` of tile ``u`` is
+    ``values[offsets[b] + i * tiles + u]`` (``height`` weights) times input
+    ``columns[...]``, for ``i < counts[b]`` (a tile with fewer taps has zero taps up to
+    its loop's count), and the tile's sum is row ``rows[b * tiles + u]`` of the planes:
+    plane ``s`` holds rows ``s * (groups + 1) ..`` (its first a zero margin), spare rows
+    after the last plane take the padding tiles of the last loop."""
+
+    values: np.ndarray   # float32 [taps, height]
+    columns: np.ndarray  # int32 [taps]
+    offsets: np.ndarray  # int32 [loops]
+    counts: np.ndarray   # int32 [loops]
+    rows: np.ndarray     # int32 [loops * tiles]
+    height: int
+    groups: int
+    out_features: int
+    in_features: int
+
+    @property
+    def tiles(self) -> int:
+        return int(self.rows.size // max(1, self.counts.size))
+
+    @property
+    def plane_rows(self) -> int:
+        """Tile rows of a plane: its zero margin, then one per group of ``height`` rows."""
+        return self.groups + 1
+
+    def kept_taps(self) -> int:
+        """Taps that hold a block (the others pad a tile to its loop's count)."""
+        return int(np.count_nonzero(self.values.any(axis=1)))
+
+    def unpack(self) -> np.ndarray:
+        """The dense ``[M, K]`` weight back."""
+        height, tiles = self.height, self.tiles
+        dense = np.zeros((self.groups * height + height, self.in_features), np.float32)
+        for b, (offset, count) in enumerate(zip(self.offsets, self.counts)):
+            for u in range(tiles):
+                phase, tile = divmod(int(self.rows[b * tiles + u]), self.plane_rows)
+                if phase >= height:  # a spare row: a padding tile
+                    continue
+                first = (tile - 1) * height + phase
+                for i in range(int(count)):
+                    tap = int(offset) + i * tiles + u
+                    dense[first:first + height, self.columns[tap]] += self.values[tap]
+        return dense[:self.out_features]
 
 
-def pack_phases(weight: np.ndarray, rows: int) -> PhaseBlocks:
+def pack_phase_tiles(weight: np.ndarray, height: int,
+                     tiles: int = TILES_PER_LOOP) -> PhaseTiles:
     """Pack a UBP-pruned ``[M, K]`` weight (any mask: its nonzeros are covered by
-    ``rows``-row blocks, :func:`cover_blocks`) as aligned ``rows``-row blocks.
+    ``height``-row blocks, :func:`cover_blocks`) on phase planes of ``height``-row tiles.
 
-    A block starting at row ``rows * g + s`` is aligned in the tiling shifted by its
-    phase ``s``: it goes to plane ``s`` (``plane_rows`` rows, a first tile of margin),
-    at rows ``s * plane_rows + rows + rows * g ..``. The planes stacked are an aligned
-    block-sparse weight, one tap per block (:func:`.sparse_conv.pack_gathered`), and
-    output ``m`` sums row ``s * plane_rows + rows + m - s`` of every plane
-    (:func:`phase_dense`)."""
+    A block starting at row ``height * g + s`` is aligned in the tiling shifted by its
+    phase ``s``: it is one tap of plane ``s``'s tile ``g``. The tiles, sorted by their
+    tap count, go ``tiles`` to a loop, so a loop's tiles pad few zero taps up to its
+    most; tiles with no block are in loops too (their plane rows must be written)."""
     weight = np.asarray(weight, np.float32)
     if weight.ndim != 2:
         raise ValueError(f"weight of shape {weight.shape}: a [M, K] GEMM weight expected")
     out_features, in_features = weight.shape
-    height = max(out_features, rows)
-    padded = np.zeros((height, in_features), np.float32)
+    full = max(out_features, height)
+    groups = -(-full // height)
+    padded = np.zeros((full, in_features), np.float32)
     padded[:out_features] = weight
-    plane_rows = rows + -(-height // rows) * rows
-    stacked = np.zeros((rows * plane_rows, in_features), np.float32)
     taken = np.zeros(padded.shape, bool)  # a block moved up to end by the last row
-    for column, start in cover_blocks(padded, rows):  # may overlap the one above it
-        window = slice(start, start + rows)
-        group, phase = divmod(start, rows)
-        first = phase * plane_rows + rows + group * rows
-        stacked[first:first + rows, column] = np.where(taken[window, column], 0.0,
-                                                       padded[window, column])
+    taps: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for column, start in cover_blocks(padded, height):  # may overlap the one above it
+        window = slice(start, start + height)
+        group, phase = divmod(start, height)
+        block = np.where(taken[window, column], 0.0, padded[window, column])
         taken[window, column] = True
-    return PhaseBlocks(pack_gathered(stacked, rows), rows, plane_rows)
+        taps.setdefault((phase, group), []).append((column, block))
+    order = sorted(((s, g) for s in range(height) for g in range(groups)),
+                   key=lambda key: len(taps.get(key, ())))
+    spare = height * (groups + 1)
+    keys: list[tuple[int, int] | None] = order + [None] * (-len(order) % tiles)
+    values, columns, offsets, counts, rows = [], [], [], [], []
+    zero = (0, np.zeros(height, np.float32))
+    for first in range(0, len(keys), tiles):
+        batch = keys[first:first + tiles]
+        lists = [taps.get(key, []) if key else [] for key in batch]
+        most = max(len(each) for each in lists)
+        offsets.append(len(columns))
+        counts.append(most)
+        for i in range(most):
+            for each in lists:
+                column, block = each[i] if i < len(each) else zero
+                columns.append(column)
+                values.append(block)
+        for key in batch:
+            rows.append(key[0] * (groups + 1) + key[1] + 1 if key else spare)
+            spare += key is None
+    if not values:
+        columns, values = [0], [zero[1]]
+    return PhaseTiles(np.array(values, np.float32).reshape(-1, height),
+                      np.array(columns, np.int32), np.array(offsets, np.int32),
+                      np.array(counts, np.int32), np.array(rows, np.int32), height, groups,
+                      out_features, in_features)
 
 
-@dataclass(frozen=True)
-class FlatTaps:
-    """A gathered weight's taps back to back, each tile's padded to whole chains:
-    ``values [taps, bf]``, ``columns [taps]``, tile ``b``'s from ``offsets[b]``, its
-    ``counts[b]`` real ones. Phase planes hold from a few to hundreds of blocks per
-    tile, and the gathered ``[tiles, most taps, bf]`` array padded every tile to the
-    fullest: FC 1024->1000 in 4 x 1 blocks at 2x, 5.0 MB for 2.0 MB of taps, streamed
-    with a gap at every tile (0.153 ms; back to back 0.105)."""
-
-    values: np.ndarray
-    columns: np.ndarray
-    offsets: np.ndarray
-    counts: np.ndarray
-    most: int  # the most taps of a tile, a multiple of the chains
+def phase_row_tile(batch: int, tiles: int, registers: int) -> int:
+    """Rows of the input per loop of :func:`phase_tiles_dense`: the most dividing
+    ``batch`` whose ``tiles x rows`` accumulators, a weight vector and a broadcast per
+    row fit the registers (each tap's weights are then loaded once for all of them)."""
+    return max(r for r in range(1, batch + 1)
+               if batch % r == 0 and (tiles * r + r + 1 <= registers or r == 1))
 
 
-def flat_taps(gathered: GatheredWeights, chains: int) -> FlatTaps:
-    """:class:`FlatTaps` of a :class:`.sparse_conv.GatheredWeights`."""
-    counts = np.asarray(gathered.counts, np.int32)
-    padded = -(-counts // chains) * chains
-    offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int32)
-    total = int(padded.sum()) or chains
-    values = np.zeros((total, gathered.values.shape[2]), np.float32)
-    columns = np.zeros(total, np.int32)
-    taps = gathered.gemm_taps()
-    for tile, (start, count) in enumerate(zip(offsets, counts)):
-        values[start:start + count] = gathered.values[tile, :count]
-        columns[start:start + count] = taps[tile, :count]
-    return FlatTaps(values, columns, offsets, counts, max(int(padded.max(initial=0)), chains))
+def phase_tiles_dense(batch: int, in_features: int, out_features: int, taps: int,
+                      loops: int, tiles: int, height: int, groups: int, row_tile: int = 1):
+    """``data [N, K] @ W.T`` for a :class:`PhaseTiles` weight, as a PrimFunc ``(data,
+    values, columns, offsets, counts, rows) -> [N, M]``.
+
+    Per loop (parallel), ``tiles x row_tile`` accumulators: each tap adds its weights
+    times its input to its tile's, and the tiles' sums go to their plane rows (a
+    scatter: TE cannot write one, so the kernel is TIR); then output ``m`` sums row ``m
+    - s`` of every plane ``s``, with the fused epilogue."""
+    from tvm.script import tirx as T
+
+    if batch % row_tile:
+        raise ValueError(f"phase_tiles_dense: a row tile of {row_tile} for {batch} rows")
+    plane = (groups + 1) * height  # floats of a plane
+    size = height * plane + (loops * tiles - height * groups) * height  # and spare rows
+    images = batch // row_tile
+    i64 = T.int64
+
+    def plane_sum(planes, b, m):  # output m: row m - s of every plane s
+        total = planes[b, height + m]
+        for s in range(1, height):
+            total = total + planes[b, s * plane + height + m - s]
+        return total
+
+    @T.prim_func(s_tir=True)
+    def phases(data: T.Buffer((i64(batch), i64(in_features)), "float32"),
+               values: T.Buffer((i64(taps), i64(height)), "float32"),
+               columns: T.Buffer((i64(taps),), "int32"),
+               offsets: T.Buffer((i64(loops),), "int32"),
+               counts: T.Buffer((i64(loops),), "int32"),
+               rows: T.Buffer((i64(loops * tiles),), "int32"),
+               out: T.Buffer((i64(batch), i64(out_features)), "float32")):
+        # root-block buffers: the planner places acc at its loop, one per parallel step
+        planes = T.sblock_alloc_buffer((i64(batch), i64(size)), "float32")
+        acc = T.sblock_alloc_buffer((i64(tiles), i64(row_tile), i64(height)), "float32",
+                                    scope="local")
+        for b, s, lane in T.grid(i64(batch), i64(height), i64(height)):
+            with T.sblock(PHASE_MARGIN_BLOCK):
+                vb, vs, vl = T.axis.remap("SSS", [b, s, lane])
+                planes[vb, vs * plane + vl] = T.float32(0)
+        for r, t in T.grid(i64(images), i64(loops)):
+            with T.sblock(PHASE_TILES_BLOCK):
+                vr = T.axis.opaque(images, r)
+                vt = T.axis.opaque(loops, t)
+                T.reads(data[vr * row_tile:vr * row_tile + row_tile, 0:in_features],
+                        values[0:taps, 0:height], columns[0:taps], offsets[vt], counts[vt],
+                        rows[vt * tiles:vt * tiles + tiles])
+                T.writes(planes[vr * row_tile:vr * row_tile + row_tile, 0:size])
+                for u in T.unroll(tiles):
+                    for i in T.unroll(row_tile):
+                        for lane in T.vectorized(height):
+                            acc[u, i, lane] = T.float32(0)
+                for k in range(counts[vt]):
+                    for u in T.unroll(tiles):
+                        for i in T.unroll(row_tile):
+                            for lane in T.vectorized(height):
+                                acc[u, i, lane] = acc[u, i, lane] + values[
+                                    offsets[vt] + k * tiles + u, lane] * data[
+                                    vr * row_tile + i, columns[offsets[vt] + k * tiles + u]]
+                for u in T.unroll(tiles):
+                    for i in T.unroll(row_tile):
+                        for lane in T.vectorized(height):
+                            planes[vr * row_tile + i, rows[vt * tiles + u] * height + lane] = (
+                                acc[u, i, lane])
+        for b, m in T.grid(i64(batch), i64(out_features)):
+            with T.sblock(PHASE_SUM_BLOCK):
+                vb, vm = T.axis.remap("SS", [b, m])
+                out[vb, vm] = plane_sum(planes, vb, vm)
+
+    return phases.with_attr("op_pattern", 4)  # kOutEWiseFusable: FuseOps adds the epilogue
 
 
-def phase_dense(data, values, columns, offsets, counts, out_features: int, chains: int,
-                phases: int, plane_rows: int, most: int):
-    """``data [N, K] @ W.T`` -> ``[N, M]`` for a :class:`PhaseBlocks` weight whose taps
-    are :class:`FlatTaps` (``most``: its ``most``).
+def schedule_phase_tiles(sch, cfg: CpuScheduleConfig) -> None:
+    """The fused epilogue inlined into the planes' sum, which is vectorized along the
+    outputs; the margins vectorized; the loops of tiles marked parallel when big (their
+    own loops are unrolled and vectorized in the TIR)."""
+    from tir_schedules.sparse_csr import _inline_epilogue
 
-    The gathered GEMM over the stacked planes (tile ``b``'s tap ``t * chains + u`` adds
-    to partial sum ``u``, as :func:`.sparse_conv.sparse_dense`), its chains summed per
-    tile (``PHASE_PLANES_BLOCK``, which the schedule computes at the tile: one vector
-    per tile leaves the registers), then output ``m`` sums row ``s * plane_rows + bf +
-    m - s`` of every plane ``s``. At batch 1 the kernel streams its weights; the planes
-    are written and read back beside them, a cost per tile that high rates feel (FC
-    1024->1000 in 8 x 1 blocks at 10x on Zen3: 0.0149 ms with every chain written and
-    read back, 0.0133 summed at the tile; aligned blocks 0.0110)."""
-    from tvm import te
-
-    n = int(data.shape[0])
-    tiles, out_block = int(counts.shape[0]), int(values.shape[1])
-    if tiles * out_block != phases * plane_rows or out_features + out_block > plane_rows:
-        raise ValueError(f"phase_dense: {tiles} tiles of {out_block} are not {phases} "
-                         f"planes of {plane_rows} rows for {out_features} outputs")
-    if most % chains:
-        raise ValueError(f"phase_dense: {most} taps are not whole chains of {chains}")
-    t = te.reduce_axis((0, most // chains), name=TAP_AXIS)
-
-    def body(i, b, u, o):
-        tap = offsets[b] + t * chains + u
-        bound = (counts[b] + (chains - 1)) // chains
-        return te.sum(te.if_then_else(t < bound, values[tap, o] * data[i, columns[tap]], 0.0),
-                      axis=t)
-
-    partial = te.compute((n, tiles, chains, out_block), body, name=SPARSE_DENSE_BLOCK)
-    u = te.reduce_axis((0, chains), name="chain")
-    planes = te.compute((n, tiles, 1, out_block),  # one chain: sum_partials reads it
-                        lambda i, b, _, o: te.sum(partial[i, b, u, o], axis=u),
-                        name=PHASE_PLANES_BLOCK)
-    return te.compute((n, out_features), lambda i, m: sum_partials(
-        planes, i, [s * plane_rows + out_block + m - s for s in range(phases)], 1,
-        out_block), name=DENSE_ROWS_BLOCK)
+    total = find_block(sch, PHASE_SUM_BLOCK)
+    last = _inline_epilogue(sch, total)
+    if last is not None:
+        sch.reverse_compute_inline(last)
+    vectorize_flat(sch, total, cfg.lanes)
+    sch.vectorize(sch.get_loops(find_block(sch, PHASE_MARGIN_BLOCK))[-1])
+    tiles = find_block(sch, PHASE_TILES_BLOCK)
+    data, values = (region.source for region in sch.get(tiles).reads[:2])
+    work = 2 * int(data.shape[0]) * int(values.shape[0]) * int(values.shape[1])
+    outer = sch.fuse(*sch.get_loops(tiles))
+    if work >= cfg.parallel_min_flops:  # sch.parallel refuses the opaque block
+        sch.annotate(outer, PARALLEL_ATTR, 1)
