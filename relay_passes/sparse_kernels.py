@@ -498,9 +498,11 @@ class UnalignedBlockKernel(RowsKernel):
     of tiles of about their height (``pack_phase_tiles``): each block aligned in the
     tiling shifted by its start row, one tap, the tiles four to a tap loop, then a sum
     over the planes. FC
-    1024->1000 in 4 x 1 blocks at 2/3/5/10x: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
-    blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
-    0.157/-/0.081/0.032). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
+    1024->1000 in 4 x 1 blocks at 2/3/5/10x, with one tap loop per tile: 0.088/0.047/
+    0.026/0.014 ms (aligned 4 x 1 blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4
+    0.144/-/0.055/0.024; rotated 0.157/-/0.081/0.032); four tiles a loop, medians of
+    30 interleaved rounds on a busy host: 0.085/0.058/0.031/0.018 (aligned 0.090/0.062/
+    0.035/0.020). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
     holds a sixteenth of an aligned tile's blocks (:data:`ROTATED_MIN_LANES`).
     """
 
