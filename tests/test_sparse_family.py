@@ -724,10 +724,10 @@ def test_unaligned_dense_matches_numpy(seed, rows, out_features, in_features, la
        tiles=st.sampled_from([1, 2, 4, 8]))
 def test_phase_tiles_pack_back_to_the_weight(seed, out_features, in_features, height, ubp,
                                              rate, tiles):
-    """Every (phase, group) tile is in exactly one loop (spare rows only for the last
-    loop's padding), a loop runs as many taps as its fullest tile, the tiles sorted by
-    count go together, and the taps unpacked give the weight back: one tap a block for
-    a UBP mask, every nonzero covered for any other."""
+    """Every (phase, group) tile is in exactly one loop (spare rows only for padding
+    tiles), a loop runs as many taps as its fullest tile, the tiles sorted by count go
+    together, the loops are dealt to runs of every count, and the taps unpacked give the
+    weight back: one tap a block for a UBP mask, every nonzero covered for any other."""
     weight = _ubp_weight(seed, out_features, in_features, height, ubp, rate)
     packed = su.pack_phase_tiles(weight, height, tiles)
     np.testing.assert_array_equal(packed.unpack(), weight)
@@ -738,7 +738,9 @@ def test_phase_tiles_pack_back_to_the_weight(seed, out_features, in_features, he
     assert len(set(packed.rows.tolist())) == packed.rows.size  # spare rows too
     assert packed.values.shape[0] == max(1, int(packed.counts.sum()) * tiles)
     assert (np.diff(packed.offsets) == packed.counts[:-1] * tiles).all()
-    assert (np.diff(packed.counts) >= 0).all()  # sorted by count: little padding
+    ordered = np.sort(packed.counts)  # loops of tiles sorted by count (little padding),
+    assert (packed.counts == np.concatenate(  # dealt to runs for the parallel threads
+        [ordered[j::su.LOOP_BUCKETS] for j in range(su.LOOP_BUCKETS)])).all()
     if ubp and out_features >= height:
         assert packed.kept_taps() * height == np.count_nonzero(weight)
 
