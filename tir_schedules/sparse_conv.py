@@ -440,7 +440,7 @@ def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
     i, b, *chain, o, tap = loops  # chain: the partial sums of sparse_dense(chains > 1)
     rows, blocks, *chains, block, max_taps = loop_extents(sch, dense)
     work = 2 * rows * blocks * block * max_taps * (chains[0] if chains else 1)
-    out = fuse_epilogue(sch, dense, producers=[dense])
+    out = fuse_epilogue(sch, dense)
     r_tile = pixel_tile(rows, block, cfg)
     i_o, i_i = sch.split(i, [None, r_tile])
     sch.reorder(i_o, b, tap, i_i, *chain, o)
@@ -462,7 +462,6 @@ def schedule_sparse_dense(sch, cfg: CpuScheduleConfig) -> None:
         sch.unroll(loop)
     sch.vectorize(o)
     sch.decompose_reduction(dense, tap)
-
 
 
 # --- the data-dependent tap bound --------------------------------------------------------

@@ -532,6 +532,14 @@ def _inline_epilogue(sch, main):
     return after[-1] if after else None
 
 
+def inline_epilogue_into(sch, stage) -> None:
+    """Every stage after ``stage`` (a hand-written kernel's output stage) inlined into
+    it, so the fused epilogue is applied where the stage writes each output."""
+    last = _inline_epilogue(sch, stage)
+    if last is not None:
+        sch.reverse_compute_inline(last)
+
+
 def _schedule_padding_copy(sch, cfg: CpuScheduleConfig, work: int) -> None:
     """The padding copy (:func:`flat_input` or :func:`tiled_flat_input`): per block of
     ``ib`` channels, each pixel's vector read once and its lanes written to ``ib``

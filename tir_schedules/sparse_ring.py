@@ -269,12 +269,10 @@ def schedule_ring_conv2d(sch, cfg: CpuScheduleConfig) -> None:
     pixel's channel vector (the group's finished rows, transposed in registers);
     parallel over (image, tile) when big. The ring's own loops are unrolled and
     vectorized in its TIR."""
-    from tir_schedules.sparse_csr import _inline_epilogue, _schedule_padding_copy
+    from tir_schedules.sparse_csr import _schedule_padding_copy, inline_epilogue_into
 
     out = find_block(sch, RING_OUT_BLOCK)
-    last = _inline_epilogue(sch, out)
-    if last is not None:
-        sch.reverse_compute_inline(last)
+    inline_epilogue_into(sch, out)
     b, ty, tx, g, c, y, x = sch.get_loops(out)
     _, tiles_h, tiles_w, _, group, height, width = loop_extents(sch, out)
     n, blocks_stored, rows = _ring_extents(sch)

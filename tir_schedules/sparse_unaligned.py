@@ -383,12 +383,10 @@ def schedule_phase_tiles(sch, cfg: CpuScheduleConfig) -> None:
     """The fused epilogue inlined into the planes' sum, which is vectorized along the
     outputs; the margins vectorized; the loops of tiles marked parallel when big (their
     own loops are unrolled and vectorized in the TIR)."""
-    from tir_schedules.sparse_csr import _inline_epilogue
+    from tir_schedules.sparse_csr import inline_epilogue_into
 
     total = find_block(sch, PHASE_SUM_BLOCK)
-    last = _inline_epilogue(sch, total)
-    if last is not None:
-        sch.reverse_compute_inline(last)
+    inline_epilogue_into(sch, total)
     vectorize_flat(sch, total, cfg.lanes)
     sch.vectorize(sch.get_loops(find_block(sch, PHASE_MARGIN_BLOCK))[-1])
     tiles = find_block(sch, PHASE_TILES_BLOCK)
