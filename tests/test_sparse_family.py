@@ -52,6 +52,22 @@ def _build(out, inputs, arrays, family: str):
     return _unblocked(result.numpy())
 
 
+def _run_scheduled(func, arrays: list, out_shape) -> np.ndarray:
+    """``func`` scheduled by its template (which must apply), built for the host and run
+    on ``arrays``."""
+    import tvm
+
+    from tir_schedules import schedule_primfunc
+
+    spec, cfg = _host()
+    scheduled = schedule_primfunc(func, cfg)
+    assert scheduled is not None, "the kernel's template did not apply"
+    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
+    got = tvm.runtime.empty(tuple(out_shape), "float32", tvm.cpu())
+    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], got)
+    return got.numpy()
+
+
 def _loops_bounded_by_loads(func) -> int:
     """Loops whose extent is read from a buffer (the kernels' per-block counts)."""
     import tvm
@@ -334,9 +350,7 @@ def test_ring_format_round_trips_any_mask(seed, filters, columns, rows, rate, ub
 
 def run_ring(x, weight, rows, strides, dilation, ib, ob, tile, registers=16, lanes=8):
     """The ring kernel built and scheduled as the pipeline does, and numpy's answer."""
-    import tvm
-
-    from tir_schedules import kernel_family, schedule_primfunc
+    from tir_schedules import kernel_family
 
     k = weight.shape[2]
     pad = [dilation[0] * (k // 2), dilation[1] * (k // 2)] * 2
@@ -349,15 +363,9 @@ def run_ring(x, weight, rows, strides, dilation, ib, ob, tile, registers=16, lan
     grid = cs.row_tile_layout(xb.shape, (k, k), strides, pad, dilation, row_tile)[0]
     arrays = [xb, ring.values, sr.ring_offsets(ring, grid), sr.padded_starts(ring, ob)]
     assert kernel_family(func) == "sparse_ring"
-    spec, cfg = _host()
-    scheduled = schedule_primfunc(func, cfg)
-    assert scheduled is not None
-    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
-    result = tvm.runtime.empty([int(x.shape[0]), weight.shape[0] // ob, *out_size, ob],
-                               "float32", tvm.cpu())
-    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], result)
-    return _unblocked(result.numpy()), sc.reference_conv2d(x, weight, strides, pad,
-                                                           dilation, 1)
+    result = _run_scheduled(func, arrays, (int(x.shape[0]), weight.shape[0] // ob, *out_size,
+                                           ob))
+    return _unblocked(result), sc.reference_conv2d(x, weight, strides, pad, dilation, 1)
 
 
 @BUILD
@@ -673,20 +681,11 @@ def _ubp_weight(seed: int, out_features: int, in_features: int, rows: int, ubp: 
 def _run_gemm(arrays: list, kernel, batch: int, out_features: int) -> np.ndarray:
     """``kernel(*placeholders)`` built for the host with the sparse GEMM template and run
     on ``arrays`` (the first is the input)."""
-    import tvm
     from tvm import te
 
-    from tir_schedules import schedule_primfunc
-
     ph = [te.placeholder(a.shape, str(a.dtype), name=f"a{i}") for i, a in enumerate(arrays)]
-    spec, cfg = _host()
-    func = schedule_primfunc(te.create_prim_func([*ph, kernel(*ph)],
-                                                 index_dtype_override="int64"), cfg)
-    assert func is not None, "the sparse GEMM template did not apply"
-    lib = tvm.compile(func, spec.tvm_target, tir_pipeline=cpu_pipeline())
-    got = tvm.runtime.empty((batch, out_features), "float32", tvm.cpu())
-    lib(*[tvm.runtime.tensor(a) for a in arrays], got)
-    return got.numpy()
+    func = te.create_prim_func([*ph, kernel(*ph)], index_dtype_override="int64")
+    return _run_scheduled(func, arrays, (batch, out_features))
 
 
 @PACK
@@ -749,23 +748,15 @@ def _run_phase_tiles(weight: np.ndarray, x: np.ndarray, height: int, tiles: int,
                      row_tile: int) -> np.ndarray:
     """The phase-tile GEMM of ``weight`` built for the host with its template and run
     on ``x``."""
-    import tvm
-
-    from tir_schedules import kernel_family, schedule_primfunc
+    from tir_schedules import kernel_family
 
     packed = su.pack_phase_tiles(weight, height, tiles)
     func = su.phase_tiles_dense(x.shape[0], weight.shape[1], weight.shape[0],
                                 packed.values.shape[0], packed.counts.size, tiles, height,
                                 packed.groups, row_tile)
     assert kernel_family(func) == "sparse_phase_tiles"
-    spec, cfg = _host()
-    scheduled = schedule_primfunc(func, cfg)
-    assert scheduled is not None
-    lib = tvm.compile(scheduled, spec.tvm_target, tir_pipeline=cpu_pipeline())
-    got = tvm.runtime.empty((x.shape[0], weight.shape[0]), "float32", tvm.cpu())
     arrays = [x, packed.values, packed.columns, packed.offsets, packed.counts, packed.rows]
-    lib(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays], got)
-    return got.numpy()
+    return _run_scheduled(func, arrays, (x.shape[0], weight.shape[0]))
 
 
 @BUILD
