@@ -320,6 +320,51 @@ def test_row_tiles_match_numpy(seed, kernel, size, stride, dilation, rows, group
     _close(got, ref)
 
 
+@BUILD
+@given(seed=st.integers(0, 10**6), chunks=st.integers(1, 3), ib=st.sampled_from([4, 8]),
+       height=st.integers(1, 9), width=st.integers(1, 17), kernel=st.sampled_from([1, 3]),
+       top_left=st.sampled_from([(0, 0), (1, 0), (0, 2)]), batch=st.sampled_from([1, 2]),
+       quantum=st.sampled_from([4, 8]), slack=st.integers(0, 3))
+def test_padding_copy_matches_numpy(seed, chunks, ib, height, width, kernel, top_left, batch,
+                                    quantum, slack):
+    """The pixel kernels' padding copy, scheduled as they schedule it (transposed in
+    tiles where a plane's rows start at the input's own and are whole runs of ``ib``,
+    element by element elsewhere), and the TIR kernels' (:func:`transposed_flat_input`):
+    padding on every side, planes past the channels (zero), channel blocks of 4 and 8,
+    batches."""
+    import tvm
+    from tvm import te
+    from tvm.script import tirx as T
+
+    top, left = top_left
+    shape = (batch, chunks, height, width, ib)
+    data = te.placeholder(shape, "float32", "data")
+    grid = cs.pixel_grid(shape, (kernel, kernel), (1, 1), (top, left, kernel - 1, 1),
+                         (1, 1), quantum).with_row_quantum(quantum)
+    flat = cs.flat_input(data, grid, extent=grid.extent + slack * grid.plane)
+    sch = tvm.s_tir.Schedule(te.create_prim_func([data, flat]))
+    cs._schedule_padding_copy(sch, _host()[1], work=0)
+    tiles = "data_local" in sch.mod.script()  # the transposed form's cache_read stage
+    assert tiles == (top_left == (0, 0) and grid.padded[1] % ib == 0 and width >= ib)
+    copy = cs.transposed_flat_input(shape, grid, int(flat.shape[1]))
+    flat_dims = tuple(int(v) for v in flat.shape)
+
+    @T.prim_func(s_tir=True)
+    def tir_copy(data: T.Buffer(shape, "float32"), out: T.Buffer(flat_dims, "float32")):
+        copy(data, out)
+
+    x = np.random.default_rng(seed).standard_normal(shape).astype("float32")
+    planes = x.transpose(0, 1, 4, 2, 3).reshape(batch, chunks * ib, height, width)
+    want = np.zeros((batch, flat_dims[1] // grid.plane, grid.plane_rows, grid.padded[1]),
+                    "float32")
+    want[:, :chunks * ib, top:top + height, left:left + width] = planes
+    for func in (sch.mod, tir_copy):
+        lib = tvm.compile(func, _host()[0].tvm_target, tir_pipeline=cpu_pipeline())
+        got = tvm.runtime.empty(flat_dims, "float32", tvm.cpu())
+        lib(tvm.runtime.tensor(x), got)
+        np.testing.assert_array_equal(got.numpy(), want.reshape(batch, -1))
+
+
 @PACK
 @given(seed=st.integers(0, 10**6), filters=st.integers(4, 40), columns=st.integers(1, 12),
        rows=st.sampled_from([2, 4, 8]), rate=st.sampled_from([1.5, 3, 10]), ubp=st.booleans())

@@ -28,8 +28,9 @@ block, else ``lcm(GR, block)``) so every slot is a constant and the ring stays i
 registers, and a finished group goes to the output, with the fused epilogue, in one
 stage (:data:`RING_OUT_BLOCK`).
 
-TE has no loop-carried state, so the kernel is written as TIR (TVMScript). The padding
-copy is :func:`.sparse_csr.flat_input`'s: the same body, the same schedule.
+TE has no loop-carried state, so the kernel is written as TIR (TVMScript), its padding
+copy too (:func:`.sparse_csr.transposed_flat_input`: :func:`.sparse_csr.flat_input`'s
+planes, transposed in registers).
 
 Where the time goes at high rates (1x1 96->576 @14 in 4 x 1 blocks at 10x, the 3 x 8
 tiles a full register file allows, Zen3, 1 thread, 10th percentiles of 30 interleaved
@@ -37,7 +38,8 @@ rounds): 0.056 ms in all; 0.028 with every row's block count 0; 0.0077 without t
 output stage as well, 0.0016 without the padding copy too. So the blocks' FMAs take
 half, the output stage (the finished rows turned into ``NCHW{ob}c``, each pixel's
 channels from ``GR`` rows, and the 450 KB written) 0.021, the padding copy (blocked
-channels to planes) 0.006 and the row loops little. The gathered kernel on aligned
+channels to planes) 0.006 and the row loops little. (The copy, since transposed in
+registers, takes half that.) The gathered kernel on aligned
 SIMD-wide blocks needs neither layout change (filters are its vector lanes): 0.014 ms of
 its 0.039-0.057 are fixed costs, which is why it leads at 10x. Written as TIR shuffles,
 the transposition ran slower than LLVM's own lowering of the gather (one shuffle of the
@@ -62,7 +64,7 @@ import numpy as np
 from tir_schedules.common import PARALLEL_ATTR, find_block, loop_extents
 from tir_schedules.config import CpuScheduleConfig
 from tir_schedules.sparse_csr import (PIXEL_PAD_BLOCK, PixelGrid, RowTile, choose_row_tile,
-                                      flat_input_attrs, flat_input_value, row_tile_layout)
+                                      row_tile_layout, transposed_flat_input)
 
 RING_ROWS_BLOCK = "npas_ring_rows"  # one filter row's blocks into the ring (opaque)
 RING_INIT_BLOCK = "npas_ring_init"
@@ -167,7 +169,7 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
     filters (:func:`choose_ring_tile`)."""
     from tvm.script import tirx as T
 
-    n, _, _, _, in_block = (int(v) for v in data_shape)
+    n = int(data_shape[0])
     if out_channels % out_block:
         raise ValueError(f"{out_channels} output channels are not a multiple of the "
                          f"output block {out_block}")
@@ -182,7 +184,7 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
     vectors, row_step = width // quantum, sh * pitch
     tiles_h, tiles_w = padded_h // height, padded_w // width
     chunks = out_channels // out_block
-    attrs = flat_input_attrs(grid, in_block)
+    copy = transposed_flat_input(data_shape, grid, extent)
     i64 = T.int64
     data_dims = tuple(i64(v) for v in data_shape)
     out_dims = (i64(n), i64(chunks), i64(out_h), i64(out_w), i64(out_block))
@@ -200,11 +202,7 @@ def ring_conv2d(data_shape, blocks: int, rows: int, strides, padding, dilation,
                                     scope="local")
         stage = T.sblock_alloc_buffer((i64(group), i64(height), i64(width)), "float32",
                                       scope="local")
-        for b, e in T.grid(i64(n), i64(extent)):
-            with T.sblock(PIXEL_PAD_BLOCK):
-                vb, ve = T.axis.remap("SS", [b, e])
-                T.sblock_attr(attrs)
-                flat[vb, ve] = flat_input_value(data, grid, vb, ve)
+        copy(data, flat)
         for b, ty, tx in T.grid(i64(n), i64(tiles_h), i64(tiles_w)):
             for i, y, x in T.grid(i64(rows), i64(height), i64(width)):
                 with T.sblock(RING_INIT_BLOCK):
@@ -263,13 +261,12 @@ def padded_starts(ring: RingBlocks, out_block: int) -> np.ndarray:
 
 
 def schedule_ring_conv2d(sch, cfg: CpuScheduleConfig) -> None:
-    """The padding copy as for the other pixel kernels; the fused epilogue inlined into
-    the output stage (every stage but the last into its consumers, as for the other
-    pixel kernels, then the last into the output stage), which writes each
-    pixel's channel vector (the group's finished rows, transposed in registers);
-    parallel over (image, tile) when big. The ring's own loops are unrolled and
-    vectorized in its TIR."""
-    from tir_schedules.sparse_csr import _schedule_padding_copy, inline_epilogue_into
+    """The fused epilogue inlined into the output stage (every stage but the last into
+    its consumers, as for the other pixel kernels, then the last into the output
+    stage), which writes each pixel's channel vector (the group's finished rows,
+    transposed in registers); the padding copy and the tiles parallel when big. The
+    copy's and the ring's own loops are unrolled and vectorized in their TIR."""
+    from tir_schedules.sparse_csr import inline_epilogue_into
 
     out = find_block(sch, RING_OUT_BLOCK)
     inline_epilogue_into(sch, out)
@@ -277,7 +274,9 @@ def schedule_ring_conv2d(sch, cfg: CpuScheduleConfig) -> None:
     _, tiles_h, tiles_w, _, group, height, width = loop_extents(sch, out)
     n, blocks_stored, rows = _ring_extents(sch)
     work = 2 * n * blocks_stored * rows * tiles_h * height * tiles_w * width
-    _schedule_padding_copy(sch, cfg, work)
+    if work >= cfg.parallel_min_flops:
+        copy = find_block(sch, PIXEL_PAD_BLOCK)
+        sch.parallel(sch.fuse(*sch.get_loops(copy)))
     out_block = int(sch.get(out).iter_vars[-1].dom.extent)
     c_outer, c_inner = sch.split(c, [None, min(group, out_block)])  # one channel block
     sch.reorder(c_outer, y, x, c_inner)
