@@ -452,18 +452,6 @@ class BlockBasedKernel(GatheredKernel):
         return self.rows.conv2d(bb, data, in_block, _OtherForm.unwrapped(packed), geometry)
 
 
-ROTATED_MIN_LANES = 16
-"""SIMD-wide UBP blocks of a GEMM are stored rotated on vectors at least this wide, else
-on phase planes. A rotated block costs two masked FMAs and three vector loads (the
-values, two masks), a plane's block one FMA and one load, but each of the ``lanes``
-planes has its own tiles. On AVX-512 (16 planes, Zen4, FC 1024->1000 in 16 x 1 blocks
-at 2/5/10x) rotated 0.068/0.018/0.0096 ms against planes of one tap loop per tile
-0.098/0.016/0.0092; on AVX2 (8 planes, Zen3, 8 x 1 blocks, 1 thread) planes 0.048/
-0.026/0.013 against rotated 0.088/0.043/0.018 (aligned 0.044/0.023/0.009). The phase
-tiles that now run four tiles a loop (``tir_schedules.sparse_unaligned``) have not been
-measured on 16 lanes."""
-
-
 RING_MIN_VECTORS = 2
 """The ring kernel's register tile holds at least this many pixel vectors: the ring's
 costs per filter row (its loop's exit, the finished row's move) are paid per tile, and a
@@ -490,20 +478,19 @@ class UnalignedBlockKernel(RowsKernel):
     and a block crossing a tile boundary is two pieces, two FMAs per pixel. Measured
     (1 thread, Zen3), register tiles against pieces: 1x1 96->576 @14 in 4 x 1 blocks at
     3x 0.21 against 0.35 ms, at 10x 0.073 against 0.095; 8 x 1 at 5x 0.120 against 0.130;
-    24->144 @56 at 2x 0.35 against 0.42. GEMMs on CPUs
-    each SIMD-wide block once, rotated (``tir_schedules.sparse_unaligned``) on 16-lane
-    vectors: at batch 1 they are bound by their weights' bytes, which the two pieces
-    would double. Shorter blocks (a rotated vector would be mostly zeros), and
-    SIMD-wide ones on narrower vectors (:data:`ROTATED_MIN_LANES`), go to phase planes
-    of tiles of about their height (``pack_phase_tiles``): each block aligned in the
-    tiling shifted by its start row, one tap, the tiles four to a tap loop, then a sum
-    over the planes. FC
-    1024->1000 in 4 x 1 blocks at 2/3/5/10x, with one tap loop per tile: 0.088/0.047/
-    0.026/0.014 ms (aligned 4 x 1 blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4
-    0.144/-/0.055/0.024; rotated 0.157/-/0.081/0.032); four tiles a loop, medians of
-    30 interleaved rounds on a busy host: 0.085/0.058/0.031/0.018 (aligned 0.090/0.062/
-    0.035/0.020). SIMD-wide blocks stay rotated on AVX-512, where a plane's tile
-    holds a sixteenth of an aligned tile's blocks (:data:`ROTATED_MIN_LANES`).
+    24->144 @56 at 2x 0.35 against 0.42. GEMMs on CPUs put
+    each block on a phase plane of tiles of about its height, at most the vector
+    (``tir_schedules.sparse_unaligned``): aligned in the tiling shifted by its start row,
+    one tap, one vector, as an aligned block is (at batch 1 a GEMM is bound by its
+    weights' bytes, which the two pieces would double); the tiles run four to a tap
+    loop, then the planes are summed at their shifts. FC 1024->1000 in 4 x 1 blocks at
+    2/3/5/10x, with one tap loop per tile: 0.088/0.047/0.026/0.014 ms (aligned 4 x 1
+    blocks 0.092/0.050/0.027/0.013; pieces in tiles of 4 0.144/-/0.055/0.024; rotated
+    0.157/-/0.081/0.032); four tiles a loop, medians of 30 interleaved rounds on a busy
+    host: 0.085/0.058/0.031/0.018 (aligned 0.090/0.062/0.035/0.020). In 16 x 1 blocks on
+    AVX-512 (16 planes; Xeon, 1 thread, 10th percentiles of 20 interleaved rounds):
+    1.02/1.10/1.13/1.21-1.27x aligned blocks' time, where one rotated vector a block
+    took 1.43/1.79/1.67/1.65x.
     """
 
     def __init__(self):
@@ -524,18 +511,13 @@ class UnalignedBlockKernel(RowsKernel):
         return lanes
 
     def pack(self, weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> Packed:
-        from tir_schedules.sparse_unaligned import pack_phase_tiles, pack_rotated
+        from tir_schedules.sparse_unaligned import pack_phase_tiles
 
         pixels = geometry.output_pixels()
         tile = self._tile(geometry)
         if geometry.op == "matmul" and _target_family() in CPU_FAMILIES:
-            rows = int(spec.block[0])
-            if rows >= tile >= ROTATED_MIN_LANES:
-                self.name = "unaligned_rotated"
-                rotated = pack_rotated(weight, tile)
-                return Packed(rotated, int(np.count_nonzero(weight)) * pixels,
-                              2 * rotated.blocks() * rotated.lanes * pixels)
             self.name = "unaligned_phases"
+            rows = int(spec.block[0])
             height = min(t for t in (4, 8, tile) if t >= min(rows, tile))
             phased = pack_phase_tiles(weight, height)
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
@@ -607,11 +589,8 @@ class UnalignedBlockKernel(RowsKernel):
                              out_shape)
 
     def matmul(self, bb, data, packed: Packed, geometry: LayerGeometry):
-        from tvm import relax
-
-        from tir_schedules.sparse_unaligned import (PhaseTiles, RotatedBlocks, lane_masks,
-                                                    phase_row_tile, phase_tiles_dense,
-                                                    unaligned_dense)
+        from tir_schedules.sparse_unaligned import (PhaseTiles, phase_row_tile,
+                                                    phase_tiles_dense)
 
         if isinstance(packed.arrays, PhaseTiles):
             phased = packed.arrays
@@ -624,13 +603,6 @@ class UnalignedBlockKernel(RowsKernel):
                                  (phased.values, phased.columns, phased.offsets,
                                   phased.counts, phased.rows),
                                  (batch, geometry.out_channels))
-        if isinstance(packed.arrays, RotatedBlocks):
-            rotated = packed.arrays
-            constants = [relax.const(a) for a in (rotated.values, rotated.columns,
-                                                  rotated.shifts, rotated.counts,
-                                                  lane_masks(rotated.lanes))]
-            return bb.call_te(unaligned_dense, data, *constants, geometry.out_channels,
-                              primfunc_name_hint="sparse_dense")
         if isinstance(packed.arrays, _OtherForm):
             packed = _OtherForm.unwrapped(packed)
         return GATHERED.matmul(bb, data, packed, geometry)

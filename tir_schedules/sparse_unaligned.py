@@ -1,48 +1,42 @@
-"""Unaligned-block (UBP) GEMM: one rotated weight vector per block, or phase tiles.
+"""Unaligned-block (UBP) GEMM: phase tiles.
 
 Lee & Shin, "Unaligned Block Pruning", 2024: a kept block is ``GR`` consecutive output
-rows of one input column, starting at any row. With the output rows as the vector axis
-(``GR`` = the SIMD lanes), a block that starts at row ``16 g + s`` (16 lanes) covers
-lanes ``s..15`` of output group ``g`` (its head) and lanes ``0..s-1`` of group
-``g + 1`` (its tail). Cutting it into two zero-padded pieces (the gathered kernel's
-form) stores and streams two vectors per block, and a GEMM at batch 1 is bound by the
-bytes of its weights. Here each block is stored once, rotated by ``s`` so that lane ``l`` holds
-the weight of row ``16 g + l`` where ``l >= s`` and of row ``16 (g + 1) + l`` where
-``l < s``: the same vector feeds the head's partial sum (masked to ``l >= s``) and the
-tail's (masked to ``l < s``), and the output of group ``g`` is its heads plus group
-``g - 1``'s tails. Two masked FMAs per block where an aligned block takes one, but the
-bytes of an aligned block. FC 1024->1000 in 16 x 1 blocks (AVX-512, 1 thread): 0.066,
-0.035, 0.018, 0.009 ms at 2/3/5/10x, against 0.116, 0.063, 0.019, 0.010 for the
-pieces and 0.046, 0.018, 0.010, 0.005 for aligned blocks.
+rows of one input column, starting at any row. A GEMM at batch 1 is bound by the bytes
+of its weights, and its vector axis is the output rows, where a block's offset falls
+across two tiles of the vector. Here, with tiles of ``h`` rows (about the block's
+height, at most the SIMD lanes), a block starting at row ``h g + s`` is aligned in the
+tiling shifted by ``s``: one tap of plane ``s``'s tile ``g``, one FMA and one vector,
+as an aligned block is; output ``m`` sums row ``m - s`` of every plane.
 
-Blocks shorter than the vector would leave a rotated vector mostly zeros; they go to
-phase planes instead (:func:`pack_phase_tiles`), and so do SIMD-wide ones on 8 lanes
-(``relay_passes.sparse_kernels.ROTATED_MIN_LANES``): with tiles of ``h`` rows (about
-the block's height), a block starting at row ``h g + s`` is aligned in the tiling
-shifted by ``s``, one tap of plane ``s``'s tile ``g``, and output ``m`` sums row ``m -
-s`` of every plane. A plane's tile holds an ``h``-th of an aligned tile's blocks, so
-one tap loop per tile paid its setup, exit and partial sums ``h`` times as often as
-aligned blocks do: FC 1024->1000 in 8 x 1 blocks at 10x (Zen3, 1 thread, 10th
-percentiles of interleaved rounds) 0.0103 ms against 0.0079, 0.0019 with every count 0,
-about 2.7 ns for each of 1008 tiles against 126 (equal counts in every tile, one or
-four chains for two, and one stream of every tap adding into its plane row in memory
-were no faster). So the tiles, sorted by tap count, run :data:`TILES_PER_LOOP` to a
-loop, side by side: a loop's setup and exit serve four tiles, their accumulators are
-four independent chains (no partial sums to add), and a tile pads few zero taps up to
-its loop's most (0.5% more taps at 10x). A tile's sum goes to its plane row, a
-scatter, which TE cannot write: the kernel is TIR (:func:`phase_tiles_dense`). Two
-other ways to fewer loops ran slower (same layer and rate, against aligned blocks in
-the same run): rotated vectors with one masked FMA a block (the tail's; the head is
-the total less the tail) 1.67x, and one loop per group of rows whose running sum is
-stored to its tile's slot after every pair of taps (a tile's sum the difference of two
-slots) 1.35x, where one loop per tile took 1.26x.
+A plane's tile holds an ``h``-th of an aligned tile's blocks, so one tap loop per tile
+paid its setup, exit and partial sums ``h`` times as often as aligned blocks do: FC
+1024->1000 in 8 x 1 blocks at 10x (Zen3, 1 thread, 10th percentiles of interleaved
+rounds) 0.0103 ms against 0.0079, 0.0019 with every count 0, about 2.7 ns for each of
+1008 tiles against 126 (equal counts in every tile, one or four chains for two, and one
+stream of every tap adding into its plane row in memory were no faster). So the tiles,
+sorted by tap count, run :data:`TILES_PER_LOOP` to a loop, side by side: a loop's setup
+and exit serve four tiles, their accumulators are four independent chains (no partial
+sums to add), and a tile pads few zero taps up to its loop's most (0.5% more taps at
+10x). A tile's sum goes to its plane row, a scatter, which TE cannot write: the kernel
+is TIR (:func:`phase_tiles_dense`).
 
-Format (:func:`pack_rotated`): group ``k + 1`` holds the blocks starting in output
-group ``k`` (group 0 is empty, so every group has a predecessor): ``values [groups,
-taps, lanes]`` rotated, ``columns`` and ``shifts [groups, taps]``, ``counts
-[groups]``. The kernel is :func:`unaligned_dense`, scheduled by
-:func:`.sparse_conv.schedule_sparse_dense` (its two halves are that template's
-partial sums).
+Tried and measured slower (same layer, against aligned blocks in the same run):
+- each SIMD-wide block stored once, rotated by its offset so one vector feeds its
+  tile's partial sum and the next tile's, each masked to its lanes (two masked FMAs, the
+  bytes of an aligned block): on AVX-512 (16 x 1 blocks, Xeon, 1 thread, 10th
+  percentiles of 20 interleaved rounds) 1.43 / 1.79 / 1.67 / 1.65x aligned blocks' time
+  at 2/3/5/10x, where 16 planes of four tiles a loop took 1.02 / 1.10 / 1.13 / 1.21-1.27
+  (two, eight or twelve tiles a loop: 1.19-1.25 at 10x); on AVX2 (Zen3, 8 x 1
+  blocks) 1.9-2.0x;
+- rotated vectors with one masked FMA a block (the tail's; the head is the total less
+  the tail) 1.67x on AVX2;
+- one loop per group of rows whose running sum is stored to its tile's slot after every
+  pair of taps (a tile's sum the difference of two slots) 1.35x, where one loop per tile
+  took 1.26x;
+- a block cut into its two pieces (the gathered kernel's form) streams two vectors a
+  block, twice the bytes.
+
+Format: :class:`PhaseTiles`, packed by :func:`pack_phase_tiles`.
 """
 
 from __future__ import annotations
@@ -53,38 +47,7 @@ import numpy as np
 
 from tir_schedules.common import PARALLEL_ATTR, find_block, vectorize_flat
 from tir_schedules.config import CpuScheduleConfig
-from tir_schedules.sparse_conv import DENSE_ROWS_BLOCK, SPARSE_DENSE_BLOCK, TAP_AXIS
-
-
-@dataclass(frozen=True)
-class RotatedBlocks:
-    """A UBP-pruned ``[M, K]`` weight, one rotated vector per block (module docstring)."""
-
-    values: np.ndarray   # float32 [groups, taps, lanes]
-    columns: np.ndarray  # int32 [groups, taps]
-    shifts: np.ndarray   # int32 [groups, taps]
-    counts: np.ndarray   # int32 [groups]
-    out_features: int
-    in_features: int
-
-    @property
-    def lanes(self) -> int:
-        return int(self.values.shape[2])
-
-    def blocks(self) -> int:
-        return int(self.counts.sum())
-
-    def unpack(self) -> np.ndarray:
-        """The dense ``[M, K]`` weight back."""
-        lanes = self.lanes
-        groups = self.values.shape[0]
-        dense = np.zeros(((groups + 1) * lanes, self.in_features), np.float32)
-        for g in range(1, groups):
-            for t in range(int(self.counts[g])):
-                shift, column = int(self.shifts[g, t]), int(self.columns[g, t])
-                rows = (g - 1) * lanes + shift + np.arange(lanes)
-                dense[rows, column] += np.roll(self.values[g, t], -shift)
-        return dense[:self.out_features]
+from tir_schedules.sparse_conv import SPARSE_DENSE_BLOCK
 
 
 def cover_blocks(weight: np.ndarray, rows: int) -> list[tuple[int, int]]:
@@ -103,76 +66,6 @@ def cover_blocks(weight: np.ndarray, rows: int) -> list[tuple[int, int]]:
             covered = start + rows
     return blocks
 
-
-def pack_rotated(weight: np.ndarray, lanes: int) -> RotatedBlocks:
-    """Pack a UBP-pruned ``[M, K]`` weight (zeros = pruned; any mask works: its
-    nonzeros are covered by ``lanes``-row blocks, :func:`cover_blocks`)."""
-    weight = np.asarray(weight, np.float32)
-    if weight.ndim != 2:
-        raise ValueError(f"weight of shape {weight.shape}: a [M, K] GEMM weight expected")
-    out_features, in_features = weight.shape
-    height = max(out_features, lanes)
-    padded = np.zeros((height + lanes, in_features), np.float32)
-    padded[:out_features] = weight
-    taken = np.zeros_like(padded, dtype=bool)
-    groups = -(-height // lanes) + 1
-    per_group: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(groups)]
-    for column, start in cover_blocks(padded[:height], lanes):
-        rows = slice(start, start + lanes)
-        block = np.where(taken[rows, column], 0.0, padded[rows, column])
-        taken[rows, column] = True
-        group, shift = divmod(start, lanes)
-        per_group[group + 1].append((column, shift, np.roll(block, shift)))
-    most = max(1, max(len(g) for g in per_group))
-    values = np.zeros((groups, most, lanes), np.float32)
-    columns = np.zeros((groups, most), np.int32)
-    shifts = np.zeros((groups, most), np.int32)
-    for g, blocks in enumerate(per_group):
-        for t, (column, shift, vector) in enumerate(blocks):
-            values[g, t], columns[g, t], shifts[g, t] = vector, column, shift
-    counts = np.array([len(g) for g in per_group], np.int32)
-    return RotatedBlocks(values, columns, shifts, counts, out_features, in_features)
-
-
-def lane_masks(lanes: int) -> np.ndarray:
-    """float32 ``[2, lanes, lanes]``: ``[0, s]`` is 1 on lanes ``>= s`` (a block's
-    head), ``[1, s]`` on lanes ``< s`` (its tail). A table lookup and a multiply per
-    half, where computing the mask takes a compare, a move and a convert."""
-    lane = np.arange(lanes)
-    heads = (lane[None, :] >= lane[:, None]).astype(np.float32)
-    return np.stack([heads, 1.0 - heads])
-
-
-def unaligned_dense(data, values, columns, shifts, counts, masks, out_features: int):
-    """``data [N, K] @ W.T`` for a :class:`RotatedBlocks` weight -> ``[N, M]``
-    (``masks``: :func:`lane_masks`).
-
-    Per group and half (0: heads, 1: tails), the sum over the group's blocks of the
-    rotated vector, masked to the half's lanes, times the block's input (the two halves
-    are independent FMAs, enough to hide their latency at batch 1); output group ``g``
-    adds group ``g + 1``'s heads and group ``g``'s tails (the packed groups are one
-    ahead)."""
-    from tvm import te
-
-    n = int(data.shape[0])
-    groups, taps, lanes = (int(v) for v in values.shape)
-    if out_features > (groups - 1) * lanes:
-        raise ValueError(f"unaligned_dense: {out_features} outputs do not fit {groups - 1} "
-                         f"groups of {lanes}")
-    t = te.reduce_axis((0, taps), name=TAP_AXIS)
-
-    def body(i, g, half, o):
-        product = values[g, t, o] * masks[half, shifts[g, t], o] * data[i, columns[g, t]]
-        return te.sum(te.if_then_else(t < counts[g], product, 0.0), axis=t)
-
-    parts = te.compute((n, groups, 2, lanes), body, name=SPARSE_DENSE_BLOCK)
-    return te.compute((n, out_features),
-                      lambda i, m: (parts[i, m // lanes + 1, 0, m % lanes]
-                                    + parts[i, m // lanes, 1, m % lanes]),
-                      name=DENSE_ROWS_BLOCK)
-
-
-# --- phase planes: blocks shorter than the vector, and SIMD-wide ones on 8 lanes ---------
 
 PHASE_TILES_BLOCK = SPARSE_DENSE_BLOCK + "_phase_tiles"  # the family's block (a prefix)
 PHASE_MARGIN_BLOCK = "npas_phase_margin"
