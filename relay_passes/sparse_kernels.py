@@ -455,11 +455,42 @@ class BlockBasedKernel(GatheredKernel):
 RING_MIN_VECTORS = 2
 """The ring kernel's register tile holds at least this many pixel vectors: the ring's
 costs per filter row (its loop's exit, the finished row's move) are paid per tile, and a
-one-vector tile has three times the tiles. Taller blocks run a ring of half their height
-(or a quarter, ...), each block two (four, ...) taps. 1x1 96->576 @14 in 8 x 1 blocks on
-AVX2 (a ring of 8 rows holds one vector; Zen3, 1 thread; time over aligned 8 x 1
-blocks'): a ring of 8 rows 1.77 / 1.93 at 5x / 10x; a ring of 4 rows 1.07 / 1.20 / 1.57
-at 3x / 5x / 10x; register tiles 1.38 / 1.39 / 1.66."""
+one-vector tile has three times the tiles. Taller blocks run a shorter ring, each block
+two (four, ...) taps. 1x1 96->576 @14 in 8 x 1 blocks on AVX2 (a ring of 8 rows holds
+one vector; Zen3, 1 thread; time over aligned 8 x 1 blocks'): a ring of 8 rows 1.77 /
+1.93 at 5x / 10x; a ring of 4 rows 1.07 / 1.20 / 1.57 at 3x / 5x / 10x; register tiles
+1.38 / 1.39 / 1.66."""
+
+RING_MAX_ROWS = 4
+"""The ring's most rows: taller blocks run as two or more taps of a ring of 4 (or of
+the largest half that has a register tile, :data:`RING_MIN_VECTORS`). The ring's tile
+then holds more pixel vectors, so its per-row costs serve more pixels, and its finished
+rows leave in groups of 4 channels. On AVX-512 (Xeon, 1 thread, 10th percentiles of 15
+interleaved rounds, time over aligned blocks' of the same height) 1x1 96->576 @14: 8 x 1
+blocks in a ring of 4 rows 0.99 / 0.92 / 0.89 at 2/5/10x, in a ring of 8 1.07 / 1.10 /
+1.05 (320->1280 @7 at 3/10x: 0.88 / 0.83 against 0.89 / 0.88); 16 x 1 blocks 1.36 /
+1.55 / 1.81 / 2.22 at 2/3/5/10x against 1.43 / 1.64 / 2.00 / 2.52; a ring of 2 rows
+1.28 / 2.28 at 2/10x against 1.30 / 2.12 (4 x 1 blocks at 3/10x: 0.92 / 0.87 against
+0.91 / 0.84). On AVX2 a ring of 8 rows holds one vector, so rings there had 4 rows
+already."""
+
+PIECES_MIN_LANES = 16
+PIECES_MAX_COLUMNS = 24
+"""On vectors of :data:`PIECES_MIN_LANES` lanes or more, SIMD-wide UBP blocks of a conv
+whose filters keep fewer than this many weights each (input columns, 9.6 for 1x1
+96->576 at 10x) run the gathered kernel as pieces (two FMAs a block) instead of the
+ring. With 16 filters a vector, the gathered kernel reads the blocked input and writes
+the blocked output as they are, where the ring's output stage turns every pixel vector
+of its finished rows into channel vectors: on 1x1 96->576 @14 in 16 x 1 blocks at 10x
+(AVX-512, Xeon, 1 thread) the ring took 0.0335 ms with every row's block count 0, 1.5x
+the aligned blocks' whole kernel (0.0218), and 0.0483 with its blocks; the pieces
+0.0348. Time over aligned 16 x 1 blocks' (10th percentiles of 15 interleaved rounds),
+ring of 4 rows / pieces: 96->576 @14 1.36 / 1.57, 1.55 / 1.67, 1.81 / 1.66, 2.22 / 1.68
+at 2/3/5/10x (48, 32, 19.2 and 9.6 weights a filter); 320->1280 @7 1.48 / 1.58, 1.48 /
+1.71, 1.40 / 1.66, 1.37 / 1.68 (160 down to 32 a filter). The ring on the output
+pixels as one row (1x1 convs of stride 1: no row padding, 196 pixels in 13 to 16
+vectors rather than 16 rows of 16) took 1.31 at 2x and 1.96 at 10x. On AVX2 the ring
+stays (8 x 1 blocks at 5/10x on 96->576 @14: 1.04 / 1.21)."""
 
 
 class UnalignedBlockKernel(RowsKernel):
@@ -472,7 +503,9 @@ class UnalignedBlockKernel(RowsKernel):
     96->576 @14 0.93-1.04x their time at 2/3/5/10x, 320->1280 @7 0.94-1.02x; the
     register tiles of :class:`RowsKernel` (a block straddling two tiles stores a tap
     in each, 7393 taps against 4608 blocks at 3x) took 1.3-1.7x. Blocks taller than
-    the ring run as two or more of its taps (:data:`RING_MIN_VECTORS`). With filters as
+    the ring run as two or more of its taps (:data:`RING_MAX_ROWS`,
+    :data:`RING_MIN_VECTORS`); on 16-lane vectors, SIMD-wide blocks of filters that keep
+    few weights run the gathered kernel as pieces (:data:`PIECES_MAX_COLUMNS`). With filters as
     the vector axis (the gathered kernel, which OpenCL keeps where the output channels
     split into tiles of its vector) a lane cannot move between registers inside an FMA,
     and a block crossing a tile boundary is two pieces, two FMAs per pixel. Measured
@@ -522,6 +555,8 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phase_tiles(weight, height)
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.kept_taps() * height * pixels)
+        if tile is None and self._pieces_on_cpu(weight, spec, geometry):
+            tile = _target_lanes()
         if tile is None:
             ring_rows = self._ring_rows(geometry, int(spec.block[0]))
             if ring_rows is None:
@@ -550,14 +585,26 @@ class UnalignedBlockKernel(RowsKernel):
         return tile if tile is not None and tile.vectors >= RING_MIN_VECTORS else None
 
     def _ring_rows(self, geometry: LayerGeometry, rows: int) -> int | None:
-        """The ring's height for blocks of ``rows``: ``rows``, else the largest half,
-        quarter, ... (at least 2) whose ring has a register tile (a block is then two or
-        more taps of the ring), else None (:data:`RING_MIN_VECTORS`)."""
+        """The ring's height for blocks of ``rows``: ``rows`` up to
+        :data:`RING_MAX_ROWS`, else the largest half, quarter, ... (at least 2) whose ring
+        has a register tile (a block is then two or more taps of the ring), else None
+        (:data:`RING_MIN_VECTORS`)."""
+        rows = min(rows, RING_MAX_ROWS)
         while rows >= 2:
             if self._ring_tile(geometry, rows) is not None:
                 return rows
             rows //= 2
         return None
+
+    @staticmethod
+    def _pieces_on_cpu(weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> bool:
+        """Whether a conv's SIMD-wide blocks run the gathered kernel as pieces on a CPU
+        rather than the ring (:data:`PIECES_MAX_COLUMNS`)."""
+        lanes = _target_lanes()
+        return (_target_family() in CPU_FAMILIES and geometry.op == "conv2d"
+                and int(spec.block[0]) >= lanes >= PIECES_MIN_LANES
+                and geometry.groups == 1 and geometry.out_channels % lanes == 0
+                and np.count_nonzero(weight) < PIECES_MAX_COLUMNS * geometry.out_channels)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         from tir_schedules.sparse_ring import RingBlocks

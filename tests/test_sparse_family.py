@@ -625,6 +625,25 @@ def test_unaligned_fc_and_odd_channels(tmp_path):
     assert rows["fc3.weight"].kernel == "unaligned_phases"  # 2-row blocks: tiles of 4
 
 
+def test_simd_wide_unaligned_convs_of_both_forms_in_one_model(tmp_path):
+    """SIMD-wide UBP blocks: a conv whose filters keep few weights runs as the gathered
+    kernel's pieces on 16-lane vectors (writing NCHW16c), the next one the ring; on
+    narrower vectors both run the ring. The model matches onnxruntime."""
+    from npas_tvm.targets import resolve_target
+
+    lanes = resolve_target("host").simd_lanes
+    g = make_graph((1, 16, 10, 10))
+    g.conv(64, kernel=1)   # 16 input channels: at most 16 weights a filter
+    g.op("Relu")
+    g.conv(32, kernel=1)   # 64 input channels at 2x: 32 a filter
+    plan = {"conv1.weight": UnalignedBlockSpec(rate=2, block=(lanes, 1)),
+            "conv2.weight": UnalignedBlockSpec(rate=2, block=(lanes, 1))}
+    rows = _compile_plan(g.save(tmp_path / "m.onnx"), plan, tmp_path)
+    assert rows["conv1.weight"].kernel == ("unaligned_gathered" if lanes >= 16
+                                           else "unaligned_ring")
+    assert rows["conv2.weight"].kernel == "unaligned_ring"
+
+
 def test_block_based_convs_of_both_forms_in_one_model(tmp_path):
     """Short blocks in register tiles next to SIMD-wide ones gathered: each conv is
     packed and laid out in its own form's block (the tiles write NCHW8c or NCHW16c,
@@ -670,14 +689,18 @@ def test_unaligned_gemm_form_follows_block_height(target_name):
 @pytest.mark.parametrize("target_name", ["host", "arm-cpu", "mali"])
 def test_short_blocks_of_a_conv_take_register_tiles_on_cpus(target_name):
     """On CPUs a 1x1 conv's UBP blocks go to the ring kernel, vectorized along pixels
-    (no lane wasted on a block's offset), a ring of half their height where its tile
-    would be one pixel vector (8 x 1 on AVX2); aligned blocks shorter than the vector go
-    to register tiles (the gathered kernel's vector would be the block's height);
-    SIMD-wide aligned blocks, and OpenCL, keep the gathered kernel (UBP as pieces)."""
+    (no lane wasted on a block's offset), a ring of at most 4 rows, and of half that
+    where its tile would be one pixel vector; on 16-lane vectors SIMD-wide blocks of
+    filters keeping few weights go to the gathered kernel as pieces. Aligned blocks
+    shorter than the vector go to register tiles (the gathered kernel's vector would be
+    the block's height); SIMD-wide aligned blocks, and OpenCL, keep the gathered kernel
+    (UBP as pieces)."""
     from npas_tvm.schemes import make_mask
     from npas_tvm.targets import resolve_target
-    from relay_passes.sparse_kernels import (RING_MIN_VECTORS, BlockBasedKernel,
-                                             LayerGeometry, UnalignedBlockKernel)
+    from relay_passes.sparse_kernels import (PIECES_MAX_COLUMNS, PIECES_MIN_LANES,
+                                             RING_MAX_ROWS, RING_MIN_VECTORS,
+                                             BlockBasedKernel, LayerGeometry,
+                                             UnalignedBlockKernel)
 
     target = resolve_target(target_name)
     lanes = 4 if target_name == "mali" else target.simd_lanes
@@ -686,23 +709,27 @@ def test_short_blocks_of_a_conv_take_register_tiles_on_cpus(target_name):
                              (0, 0, 0, 0), (1, 1), 1)
     cpu = target_name != "mali"
     with target.tvm_target:
-        for rows, rate in ((4, 10), (4, 2), (lanes, 10)):
+        for rows, rate in ((4, 10), (4, 2), (lanes, 10), (lanes, 20)):
             for kernel, spec in ((UnalignedBlockKernel(), UnalignedBlockSpec(rate=rate,
                                                                              block=(rows, 1))),
                                  (BlockBasedKernel(), BlockBasedSpec(rate=rate,
                                                                      block=(rows, 1)))):
-                packed = kernel.pack(weight * make_mask(weight, spec), spec, geometry)
+                pruned = weight * make_mask(weight, spec)
+                packed = kernel.pack(pruned, spec, geometry)
                 assert packed.kept_macs <= packed.computed_macs
                 if isinstance(kernel, UnalignedBlockKernel):
-                    assert kernel.name == ("unaligned_ring" if cpu else "unaligned_gathered")
-                    if cpu:  # the tallest ring whose tile holds RING_MIN_VECTORS vectors
-                        ring = rows
+                    few = np.count_nonzero(pruned) < PIECES_MAX_COLUMNS * 1280
+                    pieces = rows >= lanes >= PIECES_MIN_LANES and few
+                    assert few == (rate == 20)  # 16 weights a filter at 20x, 32 at 10x
+                    ring_runs = cpu and not pieces
+                    assert kernel.name == ("unaligned_ring" if ring_runs
+                                           else "unaligned_gathered")
+                    if ring_runs:  # the tallest ring up to RING_MAX_ROWS with a tile
+                        ring = min(rows, RING_MAX_ROWS)
                         while sr.choose_ring_tile(7, 7, ring, lanes, 16 if lanes == 8 else 32
                                                   ).vectors < RING_MIN_VECTORS:
                             ring //= 2
-                        assert packed.arrays.rows == ring
-                        # AVX2: 8 rows hold one vector; AVX-512: 16 rows one (of 8 lanes, 7 wide)
-                        assert ring == {4: rows, 8: 4, 16: min(rows, 8)}[lanes]
+                        assert packed.arrays.rows == ring == min(rows, 4)
                 else:
                     assert kernel.name == ("block_rows" if cpu and rows < lanes
                                            else "gathered")
