@@ -136,8 +136,13 @@ def format_lowering_table(rows, spec: TargetSpec) -> str:
     if not rows:
         return "no layer was pruned"
     width = max(len("layer"), *(len(row.name) for row in rows))
-    header = (f"{'layer':<{width}}  {'kind':<9} {'scheme':<14} {'block':<7} {'rate':>6}  "
-              f"{'kernel':<9} {'dense MMAC':>10} {'sparse MMAC':>11} {'est. speedup':>12}")
+    scheme_width = max(len("scheme"), *(len(row.spec.scheme) for row in rows))
+    kernel_width = max(len("kernel"), *(len(row.kernel or "dense") for row in rows))
+    block_width = max(len("block"), *(len(row.spec.describe() or "-") for row in rows))
+    header = (f"{'layer':<{width}}  {'kind':<9} {'scheme':<{scheme_width}} "
+              f"{'block':<{block_width}} "
+              f"{'rate':>6}  {'kernel':<{kernel_width}} {'dense MMAC':>10} {'sparse MMAC':>11} "
+              f"{'est. speedup':>12}")
     lines = [header, "-" * len(header)]
     dense_total = sparse_total = 0.0
     for row in rows:
@@ -148,8 +153,8 @@ def format_lowering_table(rows, spec: TargetSpec) -> str:
         sparse_total += cost
         kernel = row.kernel or "dense"
         lines.append(
-            f"{row.name:<{width}}  {row.kind:<9} {row.spec.scheme:<14} "
-            f"{row.spec.describe() or '-':<7} {rate:>5.2f}x  {kernel:<9} "
+            f"{row.name:<{width}}  {row.kind:<9} {row.spec.scheme:<{scheme_width}} "
+            f"{row.spec.describe() or '-':<{block_width}} {rate:>5.2f}x  {kernel:<{kernel_width}} "
             f"{row.dense_macs / 1e6:>10.2f} {row.computed_macs / 1e6:>11.2f} "
             f"{row.dense_macs / cost:>11.2f}x")
     lines.append("-" * len(header))

@@ -113,3 +113,25 @@ def test_demo_table_says_slower_where_the_sparse_build_is_slower(capsys):
     print_table([("m", {"sparse": timing(6.6), "dense": timing(8.3), "ort": timing(6.0)})])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row == "| m | 6.60 | 8.30 | 6.00 | 1.10x slower | 1.26x faster | 1.38x | 20 |"
+
+
+def test_lowering_table_columns_line_up_with_long_names():
+    """The table's columns fit the longest scheme and kernel names (``unaligned_block``,
+    ``unaligned_gathered``): every row's kernel starts under the header's."""
+    from types import SimpleNamespace
+
+    from npas_tvm.schemes import PatternSpec, UnalignedBlockSpec
+    from npas_tvm.sparse_compile import format_lowering_table
+    from npas_tvm.targets import resolve_target
+
+    rows = [SimpleNamespace(name="conv1.weight", kind="conv1x1", kernel="unaligned_gathered",
+                            spec=UnalignedBlockSpec(rate=10, block=(16, 1)), reason="",
+                            dense_macs=10_000_000, kept_macs=1_000_000, computed_macs=2_000_000),
+            SimpleNamespace(name="conv2.weight", kind="conv3x3", kernel="pattern",
+                            spec=PatternSpec(rate=3), reason="",
+                            dense_macs=9_000_000, kept_macs=3_000_000, computed_macs=3_000_000)]
+    lines = format_lowering_table(rows, resolve_target("host")).splitlines()
+    column = lines[0].index("kernel")
+    assert lines[2][column:].startswith("unaligned_gathered ")
+    assert lines[3][column:].startswith("pattern ")
+    assert lines[2].index("unaligned_block") == lines[0].index("scheme")
