@@ -489,8 +489,10 @@ ring of 4 rows / pieces: 96->576 @14 1.36 / 1.57, 1.55 / 1.67, 1.81 / 1.66, 2.22
 at 2/3/5/10x (48, 32, 19.2 and 9.6 weights a filter); 320->1280 @7 1.48 / 1.58, 1.48 /
 1.71, 1.40 / 1.66, 1.37 / 1.68 (160 down to 32 a filter). The ring on the output
 pixels as one row (1x1 convs of stride 1: no row padding, 196 pixels in 13 to 16
-vectors rather than 16 rows of 16) took 1.31 at 2x and 1.96 at 10x. On AVX2 the ring
-stays (8 x 1 blocks at 5/10x on 96->576 @14: 1.04 / 1.21)."""
+vectors rather than 16 rows of 16) took 1.31 at 2x and 1.96 at 10x. MobileNetV2 with
+16 x 1 blocks on its 1x1 convs (10x for 96 inputs or fewer, else 3x; 1 thread): 3.7 ms
+with 14 of them as pieces, 4.3-4.5 with the ring on all. On AVX2 the ring stays (8 x 1
+blocks at 5/10x on 96->576 @14: 1.04 / 1.21)."""
 
 
 class UnalignedBlockKernel(RowsKernel):
