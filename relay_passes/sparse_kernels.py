@@ -535,13 +535,18 @@ class UnalignedBlockKernel(RowsKernel):
         self.relative_speed = 0.6
 
     @staticmethod
-    def _tile(geometry: LayerGeometry) -> int | None:
-        """The gathered form's tile of output channels, or None for the rows form."""
+    def _tile(weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> int | None:
+        """The gathered form's tile of output channels, or None for the rows form. On
+        CPUs a conv takes it only for SIMD-wide blocks of filters that keep few weights,
+        on vectors of :data:`PIECES_MIN_LANES` or more (:data:`PIECES_MAX_COLUMNS`)."""
         lanes = _target_lanes()
         if geometry.op == "matmul":
             return lanes
-        if (_target_family() in CPU_FAMILIES or geometry.kind == DEPTHWISE
-                or (geometry.out_channels // geometry.groups) % lanes):
+        if geometry.kind == DEPTHWISE or (geometry.out_channels // geometry.groups) % lanes:
+            return None
+        if _target_family() in CPU_FAMILIES and not (
+                int(spec.block[0]) >= lanes >= PIECES_MIN_LANES and geometry.groups == 1
+                and np.count_nonzero(weight) < PIECES_MAX_COLUMNS * geometry.out_channels):
             return None
         return lanes
 
@@ -549,7 +554,7 @@ class UnalignedBlockKernel(RowsKernel):
         from tir_schedules.sparse_unaligned import pack_phase_tiles
 
         pixels = geometry.output_pixels()
-        tile = self._tile(geometry)
+        tile = self._tile(weight, spec, geometry)
         if geometry.op == "matmul" and _target_family() in CPU_FAMILIES:
             self.name = "unaligned_phases"
             rows = int(spec.block[0])
@@ -557,8 +562,6 @@ class UnalignedBlockKernel(RowsKernel):
             phased = pack_phase_tiles(weight, height)
             return Packed(phased, int(np.count_nonzero(weight)) * pixels,
                           phased.kept_taps() * height * pixels)
-        if tile is None and self._pieces_on_cpu(weight, spec, geometry):
-            tile = _target_lanes()
         if tile is None:
             ring_rows = self._ring_rows(geometry, int(spec.block[0]))
             if ring_rows is None:
@@ -597,16 +600,6 @@ class UnalignedBlockKernel(RowsKernel):
                 return rows
             rows //= 2
         return None
-
-    @staticmethod
-    def _pieces_on_cpu(weight: np.ndarray, spec: SchemeSpec, geometry: LayerGeometry) -> bool:
-        """Whether a conv's SIMD-wide blocks run the gathered kernel as pieces on a CPU
-        rather than the ring (:data:`PIECES_MAX_COLUMNS`)."""
-        lanes = _target_lanes()
-        return (_target_family() in CPU_FAMILIES and geometry.op == "conv2d"
-                and int(spec.block[0]) >= lanes >= PIECES_MIN_LANES
-                and geometry.groups == 1 and geometry.out_channels % lanes == 0
-                and np.count_nonzero(weight) < PIECES_MAX_COLUMNS * geometry.out_channels)
 
     def conv2d(self, bb, data, in_block: int, packed: Packed, geometry: LayerGeometry):
         from tir_schedules.sparse_ring import RingBlocks
